@@ -1,0 +1,216 @@
+// CPU implementations of the ef21 operators (schemas in ../ops.cpp).
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <atomic>
+
+#include "../algorithm.h"
+#include "topk_select.h"
+
+namespace ef21::cpu {
+namespace {
+
+constexpr int64_t kGrain = 1 << 14;
+
+void check_flat(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.dim() == 1, name, " must be 1-D, got ", t.dim(), "-D");
+  TORCH_CHECK(t.is_contiguous(), name, " must be contiguous");
+  TORCH_CHECK(t.device().is_cpu(), name, " must be on the CPU, got ", t.device());
+}
+
+std::tuple<at::Tensor, at::Tensor> topk_abs_cpu(const at::Tensor& x_in, int64_t k) {
+  TORCH_CHECK(x_in.dim() == 1, "x must be 1-D, got ", x_in.dim(), "-D");
+  TORCH_CHECK(at::isFloatingType(x_in.scalar_type()), "x must be floating point, got ", x_in.scalar_type());
+  const int64_t d = x_in.numel();
+  TORCH_CHECK(d < (int64_t(1) << 31), "x has ", d, " elements; at most 2^31 - 1 are supported");
+  TORCH_CHECK(k >= 1 && k <= d, "k=", k, " is out of range; allowed: 1 <= k <= ", d, " (x.numel())");
+  const at::Tensor x = x_in.contiguous();
+  at::Tensor idx = at::empty({k}, x.options().dtype(at::kInt));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "topk_abs", [&] {
+    using acc = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+    const scalar_t* p = x.const_data_ptr<scalar_t>();
+    select_topk_abs<acc>(d, k, [p](int64_t i) { return static_cast<acc>(p[i]); }, idx.data_ptr<int32_t>());
+  });
+  return {idx, x.index_select(0, idx)};
+}
+
+template <typename G, typename S, typename W>
+at::Tensor compress_kernel(Algorithm algo, const at::Tensor& grad, S* st, S* ax, int64_t k, double momentum,
+                           const std::optional<at::Tensor>& indices, at::ScalarType value_dtype) {
+  const int64_t d = grad.numel();
+  const G* g = grad.const_data_ptr<G>();
+  const S eta = static_cast<S>(momentum);
+
+  // Materialise the target where it is state anyway (v for ef21-sgdm, e for ef).
+  if (algo == Algorithm::EF21_SGDM) {
+    at::parallel_for(0, d, kGrain, [&](int64_t lo, int64_t hi) {
+      for (int64_t i = lo; i < hi; ++i) ax[i] = (S(1) - eta) * ax[i] + eta * static_cast<S>(g[i]);
+    });
+  } else if (algo == Algorithm::EF) {
+    at::parallel_for(0, d, kGrain, [&](int64_t lo, int64_t hi) {
+      for (int64_t i = lo; i < hi; ++i) st[i] += static_cast<S>(g[i]);
+    });
+  }
+  auto value = [&](int64_t i) -> S {
+    switch (algo) {
+      case Algorithm::EF21: return static_cast<S>(g[i]) - st[i];
+      case Algorithm::EF21_SGDM: return ax[i] - st[i];
+      case Algorithm::EF: return st[i];
+      default: return static_cast<S>(g[i]);
+    }
+  };
+
+  const bool packed = !indices.has_value();
+  at::Tensor msg = packed ? at::empty({packed_bytes(k, sizeof(W))}, grad.options().dtype(at::kByte))
+                          : at::empty({k}, grad.options().dtype(value_dtype));
+  int32_t* idx;
+  W* vals;
+  if (packed) {
+    idx = reinterpret_cast<int32_t*>(msg.data_ptr<uint8_t>());
+    vals = reinterpret_cast<W*>(idx + k);
+    select_topk_abs<S>(d, k, value, idx);
+  } else {
+    idx = indices->data_ptr<int32_t>();
+    vals = msg.data_ptr<W>();
+  }
+  at::parallel_for(0, k, kGrain, [&](int64_t lo, int64_t hi) {
+    for (int64_t j = lo; j < hi; ++j) {
+      const int64_t i = idx[j];
+      const W w = static_cast<W>(value(i));
+      const S c = static_cast<S>(w);
+      vals[j] = w;
+      if (algo == Algorithm::EF21 || algo == Algorithm::EF21_SGDM) st[i] += c;
+      else if (algo == Algorithm::EF) st[i] -= c;
+    }
+  });
+  return msg;
+}
+
+at::Tensor compress_cpu(const at::Tensor& grad, const std::optional<at::Tensor>& state,
+                        const std::optional<at::Tensor>& aux, c10::string_view algorithm, int64_t k,
+                        double momentum, const std::optional<at::Tensor>& indices, at::ScalarType value_dtype) {
+  const Algorithm algo = parse_algorithm(std::string_view(algorithm.data(), algorithm.size()));
+  TORCH_CHECK(algo != Algorithm::DENSE, "compress_ has nothing to do for algorithm='dense'");
+  check_flat(grad, "grad");
+  TORCH_CHECK(at::isFloatingType(grad.scalar_type()), "grad must be floating point, got ", grad.scalar_type());
+  const int64_t d = grad.numel();
+  TORCH_CHECK(d < (int64_t(1) << 31), "grad has ", d, " elements; at most 2^31 - 1 are supported");
+  TORCH_CHECK(k >= 1 && k <= d, "k=", k, " is out of range; allowed: 1 <= k <= ", d, " (grad.numel())");
+  TORCH_CHECK(value_dtype == at::kFloat || value_dtype == at::kBFloat16 || value_dtype == at::kHalf ||
+                  value_dtype == at::kDouble,
+              "value_dtype=", value_dtype, " is not supported; allowed: Float, BFloat16, Half, Double");
+  const bool needs_state = algo != Algorithm::PLAIN;
+  const bool needs_aux = algo == Algorithm::EF21_SGDM;
+  TORCH_CHECK(!needs_state || state.has_value(), "algorithm='", algorithm, "' needs a state tensor");
+  TORCH_CHECK(!needs_aux || aux.has_value(), "algorithm='", algorithm, "' needs an aux (momentum) tensor");
+  at::ScalarType sdt = grad.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  if (needs_state) {
+    check_flat(*state, "state");
+    sdt = state->scalar_type();
+    TORCH_CHECK(sdt == at::kFloat || sdt == at::kDouble, "state must be float32 or float64, got ", sdt);
+    TORCH_CHECK(state->numel() == d, "state has ", state->numel(), " elements, grad has ", d);
+  }
+  if (needs_aux) {
+    check_flat(*aux, "aux");
+    TORCH_CHECK(aux->scalar_type() == sdt, "aux must have the state's dtype ", sdt, ", got ", aux->scalar_type());
+    TORCH_CHECK(aux->numel() == d, "aux has ", aux->numel(), " elements, grad has ", d);
+  }
+  if (indices.has_value()) {
+    check_flat(*indices, "indices");
+    TORCH_CHECK(indices->scalar_type() == at::kInt, "indices must be int32, got ", indices->scalar_type());
+    TORCH_CHECK(indices->numel() == k, "indices has ", indices->numel(), " elements, expected k=", k);
+  }
+
+  at::Tensor msg;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad.scalar_type(), "compress_", [&] {
+    using G = scalar_t;
+    auto with_state = [&](auto s_tag) {
+      using S = decltype(s_tag);
+      S* st = needs_state ? state->data_ptr<S>() : nullptr;
+      S* ax = needs_aux ? aux->data_ptr<S>() : nullptr;
+      AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, value_dtype, "compress_values", [&] {
+        msg = compress_kernel<G, S, scalar_t>(algo, grad, st, ax, k, momentum, indices, value_dtype);
+      });
+    };
+    if (sdt == at::kDouble) with_state(double{});
+    else with_state(float{});
+  });
+  return msg;
+}
+
+template <typename O, typename W>
+void aggregate_kernel(O* out, int64_t d, const uint8_t* base, int64_t n, int64_t row_bytes, int64_t k,
+                      const int32_t* shared_idx, double scale) {
+  using acc = std::conditional_t<std::is_same_v<O, double>, double, float>;
+  auto idx_of = [&](int64_t r) {
+    return shared_idx ? shared_idx : reinterpret_cast<const int32_t*>(base + r * row_bytes);
+  };
+  auto vals_of = [&](int64_t r) {
+    const uint8_t* row = base + r * row_bytes;
+    return reinterpret_cast<const W*>(shared_idx ? row : row + 4 * k);
+  };
+  std::atomic<bool> bad{false};
+  at::parallel_for(0, n, 1, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const int32_t* ix = idx_of(r);
+      for (int64_t j = 0; j < k; ++j)
+        if (ix[j] < 0 || ix[j] >= d || (j > 0 && ix[j] <= ix[j - 1])) bad = true;
+    }
+  });
+  TORCH_CHECK(!bad, "aggregate_: a message holds indices that are not strictly ascending in [0, ", d, ")");
+  const acc s = static_cast<acc>(scale);
+  // Each thread owns a range of `out` and applies the messages in row order: deterministic.
+  at::parallel_for(0, d, std::max<int64_t>(kGrain, d / std::max(1, at::get_num_threads())), [&](int64_t lo, int64_t hi) {
+    for (int64_t r = 0; r < n; ++r) {
+      const int32_t* ix = idx_of(r);
+      const W* v = vals_of(r);
+      for (int64_t j = std::lower_bound(ix, ix + k, lo) - ix; j < k && ix[j] < hi; ++j)
+        out[ix[j]] = static_cast<O>(static_cast<acc>(out[ix[j]]) + s * static_cast<acc>(v[j]));
+    }
+  });
+}
+
+at::Tensor& aggregate_cpu(at::Tensor& out, const at::Tensor& messages, int64_t k, at::ScalarType value_dtype,
+                          double scale, const std::optional<at::Tensor>& indices) {
+  check_flat(out, "out");
+  TORCH_CHECK(messages.dim() == 2 && messages.is_contiguous(), "messages must be a contiguous 2-D tensor [n, m]");
+  TORCH_CHECK(k >= 1, "k=", k, " is out of range; allowed: k >= 1");
+  const int64_t n = messages.size(0);
+  const int64_t vbytes = c10::elementSize(value_dtype);
+  int64_t row_bytes;
+  const int32_t* shared_idx = nullptr;
+  if (indices.has_value()) {
+    check_flat(*indices, "indices");
+    TORCH_CHECK(indices->scalar_type() == at::kInt && indices->numel() == k, "indices must be int32 with k=", k, " elements");
+    TORCH_CHECK(messages.scalar_type() == value_dtype && messages.size(1) == k,
+                "messages must be [n, k] of value_dtype when indices are given, got ", messages.sizes(), " ",
+                messages.scalar_type());
+    shared_idx = indices->const_data_ptr<int32_t>();
+    row_bytes = k * vbytes;
+  } else {
+    TORCH_CHECK(messages.scalar_type() == at::kByte, "packed messages must be uint8, got ", messages.scalar_type());
+    row_bytes = packed_bytes(k, vbytes);
+    TORCH_CHECK(messages.size(1) == row_bytes, "packed messages must have ", row_bytes, " bytes per row for k=", k,
+                " and value_dtype=", value_dtype, ", got ", messages.size(1));
+  }
+  const auto* base = static_cast<const uint8_t*>(messages.const_data_ptr());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out.scalar_type(), "aggregate_", [&] {
+    using O = scalar_t;
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, value_dtype, "aggregate_values", [&] {
+      aggregate_kernel<O, scalar_t>(out.data_ptr<O>(), out.numel(), base, n, row_bytes, k, shared_idx, scale);
+    });
+  });
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(ef21, CPU, m) {
+  m.impl("topk_abs", &topk_abs_cpu);
+  m.impl("compress_", &compress_cpu);
+  m.impl("aggregate_", &aggregate_cpu);
+}
+
+}  // namespace ef21::cpu

@@ -1,0 +1,65 @@
+"""Configuration of an EF21 hook: validated once, here, with errors that name the argument."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+ALGORITHMS = ("ef21", "ef21-sgdm", "ef", "plain", "dense")
+COMPRESSORS = ("topk", "randk", "identity")
+INITS = ("full", "compressed", "zero")
+VALUE_DTYPES = {None: torch.float32, torch.float32: torch.float32, torch.bfloat16: torch.bfloat16,
+                torch.float16: torch.float16, "fp32": torch.float32, "float32": torch.float32,
+                "bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16,
+                "float16": torch.float16}
+
+
+def _allowed(values) -> str:
+    return ", ".join(repr(v) for v in values)
+
+
+@dataclass(frozen=True)
+class Config:
+    algorithm: str = "ef21"
+    compressor: str = "topk"
+    ratio: float = 0.01
+    k: int | None = None
+    momentum: float = 0.1
+    init: str = "full"
+    value_dtype: torch.dtype = torch.float32
+    seed: int = 0
+
+    @staticmethod
+    def make(algorithm="ef21", compressor="topk", ratio=0.01, k=None, momentum=0.1, init="full",
+             value_dtype=None, seed=0) -> "Config":
+        if algorithm not in ALGORITHMS:
+            raise ValueError(f"algorithm={algorithm!r} is not supported; allowed: {_allowed(ALGORITHMS)}")
+        if compressor not in COMPRESSORS:
+            raise ValueError(f"compressor={compressor!r} is not supported; allowed: {_allowed(COMPRESSORS)}")
+        if init not in INITS:
+            raise ValueError(f"init={init!r} is not supported; allowed: {_allowed(INITS)}")
+        if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not (0 < ratio <= 1):
+            raise ValueError(f"ratio={ratio!r} is out of range; allowed: a number with 0 < ratio <= 1")
+        if k is not None and (isinstance(k, bool) or not isinstance(k, int) or k < 1):
+            raise ValueError(f"k={k!r} is not allowed; allowed: None or an integer >= 1")
+        if isinstance(momentum, bool) or not isinstance(momentum, (int, float)) or not (0 < momentum <= 1):
+            raise ValueError(f"momentum={momentum!r} is out of range; allowed: a number with 0 < momentum <= 1")
+        try:
+            vdtype = VALUE_DTYPES[value_dtype]
+        except (KeyError, TypeError):
+            raise ValueError(
+                f"value_dtype={value_dtype!r} is not supported; allowed: None (float32), torch.float32, "
+                "torch.bfloat16, torch.float16") from None
+        if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+            raise ValueError(f"seed={seed!r} is not allowed; allowed: an integer >= 0")
+        return Config(algorithm, compressor, float(ratio), k, float(momentum), init, vdtype, seed)
+
+
+def k_for(numel: int, ratio: float, k: int | None = None) -> int:
+    """Elements sent per compression unit of ``numel`` elements: ``max(1, ceil(ratio * numel))``, or
+    the explicit ``k``, at most ``numel``. The product is snapped to the nearest integer when it is
+    within float rounding of it, so ratio = 4/123 on 123 elements gives 4, not 5."""
+    from ef21 import _C
+
+    return _C.k_for(int(numel), float(ratio), int(k or 0))

@@ -1,0 +1,58 @@
+"""The two ways to attach EF21 to a DDP model; both run the same C++ core."""
+
+
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+
+from ef21.state import EF21State
+
+
+def register(ddp_model: DistributedDataParallel, state: EF21State) -> EF21State:
+    """Registers EF21 as ``ddp_model``'s communication hook, in C++ on DDP's reducer.
+
+    Call it once, before the first backward. Returns ``state``.
+
+    Example::
+        >>> model = DistributedDataParallel(net)
+        >>> state = ef21.register(model, ef21.EF21State(ratio=0.01))
+    """
+    if not isinstance(ddp_model, DistributedDataParallel):
+        raise TypeError(f"ddp_model must be a torch.nn.parallel.DistributedDataParallel, "
+                        f"got {type(ddp_model).__name__}")
+    if not isinstance(state, EF21State):
+        raise TypeError(f"state must be an ef21.EF21State, got {type(state).__name__}")
+    if getattr(ddp_model, "mixed_precision", None) is not None:
+        raise ValueError("ddp_model was built with DDP's mixed_precision=..., which installs its own comm "
+                         "hook; build it without mixed_precision (use torch.autocast) to use ef21")
+    if getattr(ddp_model, "_use_python_reducer", False):
+        raise ValueError("ddp_model uses the Python reducer (compiled autograd DDP); ef21 needs the C++ reducer")
+    if getattr(ddp_model, "_ef21_state", None) is not None or getattr(ddp_model, "_comm_hooks", None):
+        raise RuntimeError("ddp_model already has a communication hook; DDP allows one per model")
+    if state._core is not None:
+        raise RuntimeError("state is already in use by another model; create one EF21State per model")
+    if state.process_group is not None and state.process_group is not ddp_model.process_group:
+        raise ValueError("state.process_group is not the process group of ddp_model; pass process_group=None "
+                         "to use the model's group")
+    from ef21 import _C
+
+    core = state._bind(ddp_model.process_group)
+    state._names = {id(p): name for name, p in ddp_model.module.named_parameters()}
+    _C.register_comm_hook(ddp_model.reducer, core)
+    ddp_model._ef21_state = state
+    if getattr(ddp_model, "logger", None) is not None:
+        ddp_model.logger._set_comm_hook_name("ef21")
+    return state
+
+
+def hook(state: EF21State, bucket: dist.GradBucket):
+    """EF21 as a Python-callable hook: ``ddp_model.register_comm_hook(state, ef21.hook)``.
+
+    The same C++ maths as :func:`register`, for launchers and wrappers that take a hook callable
+    (e.g. Lightning's ``DDPStrategy(ddp_comm_hook=...)``). Returns a ``torch.futures.Future``.
+    """
+    # PyTorch's Python hook path takes the result as a Python object, hence the unwrapping step.
+    return state._bind().run(bucket).then(_value)
+
+
+def _value(fut):
+    return fut.value()
