@@ -25,6 +25,17 @@ def _want_cuda() -> bool:
     return torch.version.cuda is not None and CUDA_HOME is not None
 
 
+def _pip_cuda_includes() -> list:
+    """Headers of the CUDA libraries torch's wheel depends on (cuSPARSE, cuBLAS, ...), which a
+    compiler-only CUDA toolkit lacks."""
+    try:
+        import nvidia
+
+        return [p for root in nvidia.__path__ for p in glob.glob(os.path.join(root, "cu*", "include"))]
+    except ImportError:
+        return []
+
+
 def _extension():
     sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp") + glob.glob("csrc/hook/*.cpp"))
     cxx = ["-O3", "-fopenmp"]
@@ -32,11 +43,14 @@ def _extension():
     if cuda_sources and _want_cuda():
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "9.0")
         sources += cuda_sources
+        # --fmad=false: no fused multiply-add, so CUDA results equal the CPU kernels' bit for bit.
+        nvcc = ["-O3", "--expt-relaxed-constexpr", "--fmad=false"]
         return CUDAExtension(
             "ef21._C",
             sources,
+            include_dirs=_pip_cuda_includes(),
             define_macros=[("EF21_WITH_CUDA", "1")],
-            extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "--expt-relaxed-constexpr"]},
+            extra_compile_args={"cxx": cxx, "nvcc": nvcc},
             extra_link_args=["-fopenmp"],
         )
     return CppExtension("ef21._C", sources, extra_compile_args={"cxx": cxx}, extra_link_args=["-fopenmp"])

@@ -60,7 +60,7 @@ PYBIND11_MODULE(_C, m) {
            })
       .def_property_readonly("world_size", &EF21Core::world_size)
       .def_property_readonly("rank", &EF21Core::rank)
-      .def_property_readonly("steps", &EF21Core::steps);
+      .def_property("steps", &EF21Core::steps, &EF21Core::set_steps);
 
   m.def(
       "register_comm_hook",

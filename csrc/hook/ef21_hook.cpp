@@ -309,6 +309,11 @@ int64_t EF21Core::steps() const {
   return steps_;
 }
 
+void EF21Core::set_steps(int64_t steps) {
+  std::lock_guard<std::mutex> lock(mu_);
+  steps_ = steps;
+}
+
 std::vector<std::vector<at::Tensor>> EF21Core::bucket_params() const {
   std::vector<std::vector<at::Tensor>> out;
   for (const auto& [index, layout] : layouts_) {

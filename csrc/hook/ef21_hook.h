@@ -67,6 +67,7 @@ class EF21Core {
   int64_t world_size() const { return world_; }
   int64_t rank() const { return rank_; }
   int64_t steps() const;
+  void set_steps(int64_t steps);
 
  private:
   struct Layout {

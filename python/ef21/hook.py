@@ -36,7 +36,9 @@ def register(ddp_model: DistributedDataParallel, state: EF21State) -> EF21State:
     from ef21 import _C
 
     core = state._bind(ddp_model.process_group)
-    state._names = {id(p): name for name, p in ddp_model.module.named_parameters()}
+    named = [(name, p) for name, p in ddp_model.module.named_parameters() if p.requires_grad]
+    state._names = {id(p): name for name, p in named}
+    state._params = [p for _, p in named]
     _C.register_comm_hook(ddp_model.reducer, core)
     ddp_model._ef21_state = state
     if getattr(ddp_model, "logger", None) is not None:

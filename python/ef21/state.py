@@ -49,7 +49,8 @@ class EF21State:
                                   momentum=momentum, init=init, value_dtype=value_dtype, seed=seed)
         self.process_group = process_group
         self._core = None
-        self._names: dict[int, str] = {}
+        self._names: dict[int, str] = {}  # id(param) -> name, set by ef21.register
+        self._params: list[torch.Tensor] = []
 
     def __repr__(self) -> str:
         return f"EF21State({self.config})"
@@ -94,15 +95,64 @@ class EF21State:
         """The parameters of each DDP bucket (compression unit) as of the last step, in buffer order."""
         return [] if self._core is None else self._core.bucket_params()
 
-    def state_dict(self) -> dict:
-        """This rank's state (``g_i`` differs per rank): save one per rank."""
+    def _named_params(self, model=None) -> list[tuple[str, torch.Tensor]]:
+        if model is not None:
+            module = getattr(model, "module", model)
+            return [(n, p) for n, p in module.named_parameters() if p.requires_grad]
+        if self._names:
+            return [(self._names[id(p)], p) for p in self._params]
         core = self._core
-        params = [] if core is None else core.params()
+        return [] if core is None else [(f"param{i}", p) for i, p in enumerate(core.params())]
+
+    def state_dict(self) -> dict:
+        """This rank's state (``g_i`` differs per rank, so save one per rank), with the layout it
+        belongs to: world size, rank, configuration, and each parameter's name and shape."""
+        core = self._core
+        params = []
+        for name, p in self._named_params():
+            entry = {"name": name, "shape": tuple(p.shape)}
+            if core is not None and any(q is p for q in core.params()):
+                entry.update(core.param_state(p))
+            else:
+                entry["initialized"] = False
+            params.append(entry)
         return {
-            "config": self.config.__dict__ | {"value_dtype": str(self.config.value_dtype)},
+            "config": {**self.config.__dict__, "value_dtype": str(self.config.value_dtype)},
             "world_size": None if core is None else core.world_size,
             "rank": None if core is None else core.rank,
             "steps": 0 if core is None else core.steps,
-            "params": [{"name": self._names.get(id(p), f"param{i}"), "shape": tuple(p.shape),
-                        **core.param_state(p)} for i, p in enumerate(params)],
+            "params": params,
         }
+
+    def load_state_dict(self, state_dict: dict, model=None) -> None:
+        """Restores :meth:`state_dict` on the same rank of a job of the same shape.
+
+        Call it after :func:`ef21.register` (or pass the DDP ``model`` when the hook was registered
+        with ``ddp_model.register_comm_hook(state, ef21.hook)``). Refuses a different world size,
+        rank, algorithm or parameter layout, saying what differs. When per-rank state is lost, skip
+        loading instead: the next step re-initialises EF21 with one dense step (``init="full"``).
+        """
+        core = self._bind()
+        mine = {**self.config.__dict__, "value_dtype": str(self.config.value_dtype)}
+        for key in ("algorithm", "compressor"):
+            if state_dict["config"][key] != mine[key]:
+                raise ValueError(f"ef21: checkpoint has {key}={state_dict['config'][key]!r}, this state has "
+                                 f"{key}={mine[key]!r}")
+        for key, here in (("world_size", core.world_size), ("rank", core.rank)):
+            if state_dict[key] != here:
+                raise ValueError(f"ef21: checkpoint was saved with {key}={state_dict[key]}, this process has "
+                                 f"{key}={here}; EF21 state is per rank")
+        named = self._named_params(model)
+        if not named:
+            raise RuntimeError("ef21: no parameters to load into; call ef21.register(ddp_model, state) first, "
+                               "or pass model=ddp_model")
+        saved = [(e["name"], tuple(e["shape"])) for e in state_dict["params"]]
+        here = [(n, tuple(p.shape)) for n, p in named]
+        if saved != here:
+            diff = sorted(set(saved) ^ set(here))[:5]
+            raise ValueError(f"ef21: checkpoint parameter layout differs from the model's "
+                             f"({len(saved)} vs {len(here)} parameters; first differences: {diff})")
+        for entry, (_, p) in zip(state_dict["params"], named):
+            core.set_param_state(p, entry.get("state"), entry.get("aux"), entry.get("g"),
+                                 bool(entry.get("initialized", False)))
+        core.steps = int(state_dict["steps"])
