@@ -121,6 +121,11 @@ at::Tensor compress_cpu(const at::Tensor& grad, const std::optional<at::Tensor>&
     check_flat(*indices, "indices");
     TORCH_CHECK(indices->scalar_type() == at::kInt, "indices must be int32, got ", indices->scalar_type());
     TORCH_CHECK(indices->numel() == k, "indices has ", indices->numel(), " elements, expected k=", k);
+    // The kernel writes the state at these places: refuse anything that would write out of bounds.
+    const int32_t* ix = indices->const_data_ptr<int32_t>();
+    for (int64_t j = 0; j < k; ++j)
+      TORCH_CHECK(ix[j] >= 0 && ix[j] < d && (j == 0 || ix[j] > ix[j - 1]),
+                  "indices must be strictly ascending in [0, ", d, "), got indices[", j, "]=", ix[j]);
   }
 
   at::Tensor msg;
@@ -177,6 +182,9 @@ at::Tensor& aggregate_cpu(at::Tensor& out, const at::Tensor& messages, int64_t k
   check_flat(out, "out");
   TORCH_CHECK(messages.dim() == 2 && messages.is_contiguous(), "messages must be a contiguous 2-D tensor [n, m]");
   TORCH_CHECK(k >= 1, "k=", k, " is out of range; allowed: k >= 1");
+  TORCH_CHECK(value_dtype == at::kFloat || value_dtype == at::kBFloat16 || value_dtype == at::kHalf ||
+                  value_dtype == at::kDouble,
+              "value_dtype=", value_dtype, " is not supported; allowed: Float, BFloat16, Half, Double");
   const int64_t n = messages.size(0);
   const int64_t vbytes = c10::elementSize(value_dtype);
   int64_t row_bytes;
