@@ -44,6 +44,19 @@ struct Load {
   }
 };
 
+// Packed rows are [k int32 | k values] back to back, so values and later rows can sit at addresses
+// their type does not allow (odd k); message bytes are read and written through memcpy.
+template <typename T>
+__device__ __forceinline__ T load(const uint8_t* p, int64_t j) {
+  T v;
+  memcpy(&v, p + j * static_cast<int64_t>(sizeof(T)), sizeof(T));
+  return v;
+}
+template <typename T>
+__device__ __forceinline__ void store(uint8_t* p, int64_t j, T v) {
+  memcpy(p + j * static_cast<int64_t>(sizeof(T)), &v, sizeof(T));
+}
+
 template <typename G, typename S>
 __global__ void materialise_kernel(Algorithm algo, const G* g, S* st, S* ax, S eta, int64_t d) {
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < d; i += int64_t(gridDim.x) * blockDim.x) {
@@ -53,12 +66,12 @@ __global__ void materialise_kernel(Algorithm algo, const G* g, S* st, S* ax, S e
 }
 
 template <typename G, typename S, typename W>
-__global__ void pack_update_kernel(Target<G, S> value, S* st, const int32_t* idx, W* vals, int64_t k) {
+__global__ void pack_update_kernel(Target<G, S> value, S* st, const int32_t* idx, uint8_t* vals, int64_t k) {
   for (int64_t j = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; j < k; j += int64_t(gridDim.x) * blockDim.x) {
     const int64_t i = idx[j];
     const W w = static_cast<W>(value(i));
     const S c = static_cast<S>(w);
-    vals[j] = w;
+    store<W>(vals, j, w);
     if (value.algo == Algorithm::EF21 || value.algo == Algorithm::EF21_SGDM) st[i] += c;
     else if (value.algo == Algorithm::EF) st[i] -= c;
   }
@@ -138,7 +151,7 @@ at::Tensor compress_cuda(const at::Tensor& grad, const std::optional<at::Tensor>
       if (packed) select_topk_abs<S>(value, d, k, idx, grad);
       AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, value_dtype, "compress_cuda_values", [&] {
         using W = scalar_t;
-        W* vals = packed ? reinterpret_cast<W*>(idx + k) : msg.data_ptr<W>();
+        uint8_t* vals = static_cast<uint8_t*>(msg.data_ptr()) + (packed ? 4 * k : 0);
         pack_update_kernel<G, S, W><<<grid_for(k, kThreads), kThreads, 0, stream>>>(value, st, idx, vals, k);
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       });
@@ -153,12 +166,13 @@ at::Tensor compress_cuda(const at::Tensor& grad, const std::optional<at::Tensor>
 // threads touch the same element, and rows never race. Out-of-range indices are skipped (a
 // device-side check that needs no host synchronisation).
 template <typename O, typename W>
-__global__ void apply_message_kernel(O* out, int64_t d, const int32_t* idx, const W* vals, int64_t k, double scale) {
+__global__ void apply_message_kernel(O* out, int64_t d, const uint8_t* idx, const uint8_t* vals, int64_t k,
+                                     double scale) {
   using acc = std::conditional_t<std::is_same_v<O, double>, double, float>;
   const acc s = static_cast<acc>(scale);
   for (int64_t j = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; j < k; j += int64_t(gridDim.x) * blockDim.x) {
-    const int64_t i = idx[j];
-    if (i >= 0 && i < d) out[i] = static_cast<O>(static_cast<acc>(out[i]) + s * static_cast<acc>(vals[j]));
+    const int64_t i = load<int32_t>(idx, j);
+    if (i >= 0 && i < d) out[i] = static_cast<O>(static_cast<acc>(out[i]) + s * static_cast<acc>(load<W>(vals, j)));
   }
 }
 
@@ -195,8 +209,8 @@ at::Tensor& aggregate_cuda(at::Tensor& out, const at::Tensor& messages, int64_t 
       using W = scalar_t;
       for (int64_t r = 0; r < n; ++r) {
         const uint8_t* row = base + r * row_bytes;
-        const int32_t* ix = shared_idx ? shared_idx : reinterpret_cast<const int32_t*>(row);
-        const W* v = reinterpret_cast<const W*>(shared_idx ? row : row + 4 * k);
+        const uint8_t* ix = shared_idx ? reinterpret_cast<const uint8_t*>(shared_idx) : row;
+        const uint8_t* v = shared_idx ? row : row + 4 * k;
         apply_message_kernel<O, W><<<grid_for(k, kThreads), kThreads, 0, stream>>>(out.data_ptr<O>(), out.numel(), ix,
                                                                                     v, k, scale);
         C10_CUDA_KERNEL_LAUNCH_CHECK();
