@@ -224,23 +224,46 @@ c10::intrusive_ptr<Future> EF21Core::run(c10d::GradBucket& bucket) {
     return c10::IValue(buffer);
   };
 
-  if (indices) {  // Rand-k: the support is shared, so only values travel, summed by an allreduce
-    std::vector<at::Tensor> ts{msg};
-    auto work = pg_->allreduce(ts);
-    finish(allreduce_bytes(n, k * vbytes), "sparse", t0);
+  // Sums are formed in the state dtype: a running sum in a 16-bit wire dtype would round (or
+  // overflow) what the ranks sent, and g would drift from the mean of the g_i that EF21 keeps.
+  const at::ScalarType sdtype = target.scalar_type();
+  const int64_t sbytes = c10::elementSize(sdtype);
+
+  if (indices) {  // Rand-k: the support is shared, so only values travel
+    if (vdtype == sdtype || allreduce_bytes(n, k * sbytes) <= allgather_bytes(n, k * vbytes)) {
+      at::Tensor sum = msg.to(sdtype);  // summed by an allreduce
+      std::vector<at::Tensor> ts{sum};
+      auto work = pg_->allreduce(ts);
+      finish(allreduce_bytes(n, k * sbytes), "sparse", t0);
+      return work->getFuture()->then(
+          [=](Future& f) {
+            const auto t1 = Clock::now();
+            f.value();
+            at::Tensor out = target;
+            call_aggregate(out, sum.view({1, k}), k, sdtype, inv_n, indices);
+            return deliver(t1);
+          },
+          c10::TensorType::get());
+    }
+    // Narrow values are gathered instead and applied in rank order, exactly as received.
+    at::Tensor gathered = at::empty({n, k}, msg.options());
+    std::vector<std::vector<at::Tensor>> outs{gathered.unbind(0)};
+    std::vector<at::Tensor> ins{msg};
+    auto work = pg_->allgather(outs, ins);
+    finish(allgather_bytes(n, k * vbytes), "sparse", t0);
     return work->getFuture()->then(
         [=](Future& f) {
           const auto t1 = Clock::now();
           f.value();
           at::Tensor out = target;
-          call_aggregate(out, msg.view({1, k}), k, vdtype, inv_n, indices);
+          call_aggregate(out, gathered, k, vdtype, inv_n, indices);
           return deliver(t1);
         },
         c10::TensorType::get());
   }
 
   const int64_t m = msg.numel();
-  if (n * m < 2 * d * vbytes) {  // sparse allgather moves fewer bytes than a dense allreduce
+  if (n * m < 2 * d * sbytes) {  // sparse allgather moves fewer bytes than a dense allreduce
     at::Tensor gathered = at::empty({n, m}, msg.options());
     std::vector<std::vector<at::Tensor>> outs{gathered.unbind(0)};
     std::vector<at::Tensor> ins{msg};
@@ -258,11 +281,11 @@ c10::intrusive_ptr<Future> EF21Core::run(c10d::GradBucket& bucket) {
   }
 
   // Dense fallback: scatter c and allreduce it; cheaper once k/d exceeds about 1/n.
-  at::Tensor dense_c = at::zeros({d}, buffer.options().dtype(vdtype));
+  at::Tensor dense_c = at::zeros({d}, target.options());
   call_aggregate(dense_c, msg.view({1, m}), k, vdtype, 1.0, std::nullopt);
   std::vector<at::Tensor> ts{dense_c};
   auto work = pg_->allreduce(ts);
-  finish(allreduce_bytes(n, d * vbytes), "dense", t0);
+  finish(allreduce_bytes(n, d * sbytes), "dense", t0);
   return work->getFuture()->then(
       [=](Future& f) {
         const auto t1 = Clock::now();

@@ -12,7 +12,8 @@ INITS = ("full", "compressed", "zero")
 VALUE_DTYPES = {None: torch.float32, torch.float32: torch.float32, torch.bfloat16: torch.bfloat16,
                 torch.float16: torch.float16, "fp32": torch.float32, "float32": torch.float32,
                 "bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16,
-                "float16": torch.float16}
+                "float16": torch.float16, torch.float64: torch.float64, "fp64": torch.float64,
+                "float64": torch.float64}
 
 
 def _allowed(values) -> str:
@@ -50,7 +51,7 @@ class Config:
         except (KeyError, TypeError):
             raise ValueError(
                 f"value_dtype={value_dtype!r} is not supported; allowed: None (float32), torch.float32, "
-                "torch.bfloat16, torch.float16") from None
+                "torch.bfloat16, torch.float16, torch.float64") from None
         if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
             raise ValueError(f"seed={seed!r} is not allowed; allowed: an integer >= 0")
         return Config(algorithm, compressor, float(ratio), k, float(momentum), init, vdtype, seed)
