@@ -5,6 +5,7 @@
 #include <torch/library.h>
 
 #include <atomic>
+#include <cstring>
 
 #include "../algorithm.h"
 #include "topk_select.h"
@@ -13,6 +14,20 @@ namespace ef21::cpu {
 namespace {
 
 constexpr int64_t kGrain = 1 << 14;
+
+// Packed messages are [k int32 | k values] back to back, so for odd k the values (8-byte) or the
+// next row's indices (rows of k*(4+2) bytes) sit at addresses their type does not allow; every
+// access to message bytes goes through memcpy, which compiles to a plain (unaligned) move.
+template <typename T>
+inline T load(const uint8_t* p, int64_t j) {
+  T v;
+  std::memcpy(&v, p + j * static_cast<int64_t>(sizeof(T)), sizeof(T));
+  return v;
+}
+template <typename T>
+inline void store(uint8_t* p, int64_t j, T v) {
+  std::memcpy(p + j * static_cast<int64_t>(sizeof(T)), &v, sizeof(T));
+}
 
 void check_flat(const at::Tensor& t, const char* name) {
   TORCH_CHECK(t.dim() == 1, name, " must be 1-D, got ", t.dim(), "-D");
@@ -65,22 +80,22 @@ at::Tensor compress_kernel(Algorithm algo, const at::Tensor& grad, S* st, S* ax,
   const bool packed = !indices.has_value();
   at::Tensor msg = packed ? at::empty({packed_bytes(k, sizeof(W))}, grad.options().dtype(at::kByte))
                           : at::empty({k}, grad.options().dtype(value_dtype));
-  int32_t* idx;
-  W* vals;
+  int32_t* idx;  // the message's first bytes (allocator-aligned) or the given indices
+  uint8_t* vals;
   if (packed) {
     idx = reinterpret_cast<int32_t*>(msg.data_ptr<uint8_t>());
-    vals = reinterpret_cast<W*>(idx + k);
+    vals = msg.data_ptr<uint8_t>() + 4 * k;
     select_topk_abs<S>(d, k, value, idx);
   } else {
     idx = indices->data_ptr<int32_t>();
-    vals = msg.data_ptr<W>();
+    vals = static_cast<uint8_t*>(msg.data_ptr());
   }
   at::parallel_for(0, k, kGrain, [&](int64_t lo, int64_t hi) {
     for (int64_t j = lo; j < hi; ++j) {
       const int64_t i = idx[j];
       const W w = static_cast<W>(value(i));
       const S c = static_cast<S>(w);
-      vals[j] = w;
+      store<W>(vals, j, w);
       if (algo == Algorithm::EF21 || algo == Algorithm::EF21_SGDM) st[i] += c;
       else if (algo == Algorithm::EF) st[i] -= c;
     }
@@ -150,18 +165,22 @@ void aggregate_kernel(O* out, int64_t d, const uint8_t* base, int64_t n, int64_t
                       const int32_t* shared_idx, double scale) {
   using acc = std::conditional_t<std::is_same_v<O, double>, double, float>;
   auto idx_of = [&](int64_t r) {
-    return shared_idx ? shared_idx : reinterpret_cast<const int32_t*>(base + r * row_bytes);
+    return shared_idx ? reinterpret_cast<const uint8_t*>(shared_idx) : base + r * row_bytes;
   };
   auto vals_of = [&](int64_t r) {
     const uint8_t* row = base + r * row_bytes;
-    return reinterpret_cast<const W*>(shared_idx ? row : row + 4 * k);
+    return shared_idx ? row : row + 4 * k;
   };
   std::atomic<bool> bad{false};
   at::parallel_for(0, n, 1, [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
-      const int32_t* ix = idx_of(r);
-      for (int64_t j = 0; j < k; ++j)
-        if (ix[j] < 0 || ix[j] >= d || (j > 0 && ix[j] <= ix[j - 1])) bad = true;
+      const uint8_t* ix = idx_of(r);
+      int64_t prev = -1;
+      for (int64_t j = 0; j < k; ++j) {
+        const int64_t i = load<int32_t>(ix, j);
+        if (i <= prev || i >= d) bad = true;
+        prev = i;
+      }
     }
   });
   TORCH_CHECK(!bad, "aggregate_: a message holds indices that are not strictly ascending in [0, ", d, ")");
@@ -169,10 +188,19 @@ void aggregate_kernel(O* out, int64_t d, const uint8_t* base, int64_t n, int64_t
   // Each thread owns a range of `out` and applies the messages in row order: deterministic.
   at::parallel_for(0, d, std::max<int64_t>(kGrain, d / std::max(1, at::get_num_threads())), [&](int64_t lo, int64_t hi) {
     for (int64_t r = 0; r < n; ++r) {
-      const int32_t* ix = idx_of(r);
-      const W* v = vals_of(r);
-      for (int64_t j = std::lower_bound(ix, ix + k, lo) - ix; j < k && ix[j] < hi; ++j)
-        out[ix[j]] = static_cast<O>(static_cast<acc>(out[ix[j]]) + s * static_cast<acc>(v[j]));
+      const uint8_t* ix = idx_of(r);
+      const uint8_t* v = vals_of(r);
+      int64_t j = 0, hi_j = k;  // first j with ix[j] >= lo (the indices ascend)
+      while (j < hi_j) {
+        const int64_t mid = (j + hi_j) / 2;
+        if (load<int32_t>(ix, mid) < lo) j = mid + 1;
+        else hi_j = mid;
+      }
+      for (; j < k; ++j) {
+        const int64_t i = load<int32_t>(ix, j);
+        if (i >= hi) break;
+        out[i] = static_cast<O>(static_cast<acc>(out[i]) + s * static_cast<acc>(load<W>(v, j)));
+      }
     }
   });
 }

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass
 
 import torch
@@ -42,8 +43,14 @@ class Config:
             raise ValueError(f"init={init!r} is not supported; allowed: {_allowed(INITS)}")
         if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not (0 < ratio <= 1):
             raise ValueError(f"ratio={ratio!r} is out of range; allowed: a number with 0 < ratio <= 1")
-        if k is not None and (isinstance(k, bool) or not isinstance(k, int) or k < 1):
-            raise ValueError(f"k={k!r} is not allowed; allowed: None or an integer >= 1")
+        if k is not None:
+            try:  # any integer type (numpy's too), but not bool or float
+                k_int = None if isinstance(k, bool) else operator.index(k)
+            except TypeError:
+                k_int = None
+            if k_int is None or k_int < 1:
+                raise ValueError(f"k={k!r} is not allowed; allowed: None or an integer >= 1")
+            k = k_int
         if isinstance(momentum, bool) or not isinstance(momentum, (int, float)) or not (0 < momentum <= 1):
             raise ValueError(f"momentum={momentum!r} is out of range; allowed: a number with 0 < momentum <= 1")
         try:

@@ -36,10 +36,14 @@ def register(ddp_model: DistributedDataParallel, state: EF21State) -> EF21State:
     from ef21 import _C
 
     core = state._bind(ddp_model.process_group)
+    try:
+        _C.register_comm_hook(ddp_model.reducer, core)
+    except RuntimeError as e:  # e.g. a built-in hook registered before: leave the state reusable
+        state._core = None
+        raise RuntimeError(f"ddp_model already has a communication hook; DDP allows one per model ({e})") from e
     named = [(name, p) for name, p in ddp_model.module.named_parameters() if p.requires_grad]
     state._names = {id(p): name for name, p in named}
     state._params = [p for _, p in named]
-    _C.register_comm_hook(ddp_model.reducer, core)
     ddp_model._ef21_state = state
     if getattr(ddp_model, "logger", None) is not None:
         ddp_model.logger._set_comm_hook_name("ef21")
