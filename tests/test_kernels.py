@@ -148,6 +148,29 @@ def test_topk_abs_ties_go_to_lower_index(dtype, data):
         torch.testing.assert_close(ops.topk_abs(x, 5000)[0].long(), torch.arange(5000), **EXACT)
 
 
+@pytest.mark.parametrize("data", ["ascending", "descending", "spikes_at_sample_points", "ninety_percent_zeros"])
+@pytest.mark.parametrize("ratio", [0.001, 0.01, 0.1])
+def test_topk_abs_exact_when_the_sampled_band_misses(data, ratio):
+    """The CPU select guesses a band around the k-th largest from a strided sample and falls back to
+    an exact histogram pass when the guess misses; these inputs defeat the sample."""
+    d = 200_003
+    g = torch.Generator().manual_seed(7)
+    if data == "ascending":
+        x = torch.arange(d, dtype=torch.float32)
+    elif data == "descending":
+        x = -torch.arange(d, dtype=torch.float32)
+    elif data == "spikes_at_sample_points":  # small everywhere but on a regular stride
+        x = torch.rand(d, generator=g) * 1e-3
+        x[::64] = 1.0 + torch.rand(x[::64].shape, generator=g)
+    else:
+        x = torch.zeros(d)
+        x[torch.randperm(d, generator=g)[: d // 10]] = torch.randn(d // 10, generator=g)
+    k = max(1, int(ratio * d))
+    idx, vals = torch.ops.ef21.topk_abs(x, k)
+    assert torch.equal(idx.long(), ref_topk_indices(x, k))
+    assert torch.equal(vals, x[idx.long()])
+
+
 def test_topk_abs_negative_values_rank_by_magnitude():
     x = torch.tensor([0.5, -4.0, 3.0, -3.0, 1.0, -0.25])
     idx, values = ops.topk_abs(x, 3)
