@@ -243,3 +243,14 @@ def test_state_without_process_group_binds_the_model_group(group):
     ef21.register(model, state)
     assert state.process_group is model.process_group
 
+
+
+def test_state_shared_by_two_models_on_the_hook_path(group):
+    state = ef21.EF21State(ratio=0.5)
+    first, second = ddp(), ddp()
+    first.register_comm_hook(state, ef21.hook)
+    second.register_comm_hook(state, ef21.hook)
+    step(first)
+    step(first)  # the same model again is fine
+    with pytest.raises(RuntimeError, match="already serves another model"):
+        step(second)

@@ -55,9 +55,24 @@ def hook(state: EF21State, bucket: dist.GradBucket):
 
     The same C++ maths as :func:`register`, for launchers and wrappers that take a hook callable
     (e.g. Lightning's ``DDPStrategy(ddp_comm_hook=...)``). Returns a ``torch.futures.Future``.
+    A hook cannot see the model's process group: when the model was built with
+    ``process_group=...``, pass the same group to :class:`EF21State`; ``None`` means the default group.
     """
+    core = state._bind()
+    _check_one_model(state, bucket)
     # PyTorch's Python hook path takes the result as a Python object, hence the unwrapping step.
-    return state._bind().run(bucket).then(_value)
+    return core.run(bucket).then(_value)
+
+
+def _check_one_model(state: EF21State, bucket) -> None:
+    """Refuses a state shared by two models: their buckets would mix in one state."""
+    ids = {id(p) for p in bucket.parameters()}
+    if state._hook_params_complete:
+        if not ids <= state._hook_params:
+            raise RuntimeError("ef21: this EF21State already serves another model; create one EF21State per model")
+        return
+    state._hook_params |= ids
+    state._hook_params_complete = bucket.is_last()
 
 
 def _value(fut):

@@ -25,7 +25,9 @@ class EF21State:
     ``"plain"`` compression without feedback and ``"dense"`` allreduce.
 
     Args:
-        process_group: the group to communicate in; ``None`` uses the DDP model's group.
+        process_group: the group to communicate in; ``None`` uses the DDP model's group with
+            :func:`ef21.register`, and the default group with ``ef21.hook`` (a hook cannot see
+            the model's group: pass it when the model uses a subgroup).
         algorithm: ``"ef21"`` | ``"ef21-sgdm"`` | ``"ef"`` | ``"plain"`` | ``"dense"``.
         compressor: ``"topk"`` | ``"randk"`` (support drawn from ``seed``, the same on every rank,
             so only values travel) | ``"identity"``.
@@ -49,6 +51,8 @@ class EF21State:
                                   momentum=momentum, init=init, value_dtype=value_dtype, seed=seed)
         self.process_group = process_group
         self._core = None
+        self._hook_params: set[int] = set()  # ids of the parameters ef21.hook has seen (one model)
+        self._hook_params_complete = False
         self._names: dict[int, str] = {}  # id(param) -> name, set by ef21.register
         self._params: list[torch.Tensor] = []
 
