@@ -81,7 +81,7 @@ needs_build() {
 exec 9>/tmp/ef21-build.lock
 flock 9
 if needs_build; then
-  say "building ef21._C (pip install --no-build-isolation -e .; about a minute, longer with CUDA)"
+  say "building ef21._C (pip install --no-build-isolation -e .): 2-3 min CPU-only, 5-20 min with the CUDA kernels on 2 cores; EF21_FORCE_CPU=1 skips them"
   quiet "$py" -m pip install --no-build-isolation -e .
 fi
 flock -u 9
