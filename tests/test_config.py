@@ -86,7 +86,7 @@ def test_momentum_out_of_range(momentum):
         ef21.EF21State(algorithm="ef21-sgdm", momentum=momentum)
 
 
-@pytest.mark.parametrize("seed", [-1, 0.5, "0"])
+@pytest.mark.parametrize("seed", [-1, 0.5, "0", 2**63])
 def test_bad_seed(seed):
     with raises_naming(ValueError, f"seed={seed!r}", "allowed"):
         ef21.EF21State(compressor="randk", seed=seed)

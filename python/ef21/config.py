@@ -59,8 +59,8 @@ class Config:
             raise ValueError(
                 f"value_dtype={value_dtype!r} is not supported; allowed: None (float32), torch.float32, "
                 "torch.bfloat16, torch.float16, torch.float64") from None
-        if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-            raise ValueError(f"seed={seed!r} is not allowed; allowed: an integer >= 0")
+        if isinstance(seed, bool) or not isinstance(seed, int) or not (0 <= seed < 2**63):
+            raise ValueError(f"seed={seed!r} is not allowed; allowed: an integer with 0 <= seed < 2**63")
         return Config(algorithm, compressor, float(ratio), k, float(momentum), init, vdtype, seed)
 
 
