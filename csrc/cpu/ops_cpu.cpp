@@ -5,6 +5,7 @@
 #include <torch/library.h>
 
 #include <atomic>
+#include <cmath>
 #include <cstring>
 
 #include "../algorithm.h"
@@ -51,14 +52,10 @@ std::tuple<at::Tensor, at::Tensor> topk_abs_cpu(const at::Tensor& x_in, int64_t 
   return {idx, x.index_select(0, idx)};
 }
 
-template <typename G, typename S, typename W>
-at::Tensor compress_kernel(Algorithm algo, const at::Tensor& grad, S* st, S* ax, int64_t k, double momentum,
-                           const std::optional<at::Tensor>& indices, at::ScalarType value_dtype) {
-  const int64_t d = grad.numel();
-  const G* g = grad.const_data_ptr<G>();
-  const S eta = static_cast<S>(momentum);
-
-  // Materialise the target where it is state anyway (v for ef21-sgdm, e for ef).
+// The part of the state update that touches every element: v = (1-eta) v + eta grad (ef21-sgdm)
+// or e = e + grad (ef). compress_ with update_state=False forms the same values on the fly.
+template <typename G, typename S>
+void materialise(Algorithm algo, const G* g, S* st, S* ax, S eta, int64_t d) {
   if (algo == Algorithm::EF21_SGDM) {
     at::parallel_for(0, d, kGrain, [&](int64_t lo, int64_t hi) {
       for (int64_t i = lo; i < hi; ++i) ax[i] = (S(1) - eta) * ax[i] + eta * static_cast<S>(g[i]);
@@ -68,11 +65,24 @@ at::Tensor compress_kernel(Algorithm algo, const at::Tensor& grad, S* st, S* ax,
       for (int64_t i = lo; i < hi; ++i) st[i] += static_cast<S>(g[i]);
     });
   }
+}
+
+template <typename G, typename S, typename W>
+at::Tensor compress_kernel(Algorithm algo, const at::Tensor& grad, S* st, S* ax, int64_t k, double momentum,
+                           const std::optional<at::Tensor>& indices, at::ScalarType value_dtype, bool update) {
+  const int64_t d = grad.numel();
+  const G* g = grad.const_data_ptr<G>();
+  const S eta = static_cast<S>(momentum);
+
+  // Materialise the target where it is state anyway (v for ef21-sgdm, e for ef), unless the
+  // update is deferred to commit_.
+  if (update) materialise(algo, g, st, ax, eta, d);
   auto value = [&](int64_t i) -> S {
     switch (algo) {
       case Algorithm::EF21: return static_cast<S>(g[i]) - st[i];
-      case Algorithm::EF21_SGDM: return ax[i] - st[i];
-      case Algorithm::EF: return st[i];
+      case Algorithm::EF21_SGDM:
+        return (update ? ax[i] : (S(1) - eta) * ax[i] + eta * static_cast<S>(g[i])) - st[i];
+      case Algorithm::EF: return update ? st[i] : st[i] + static_cast<S>(g[i]);
       default: return static_cast<S>(g[i]);
     }
   };
@@ -96,6 +106,7 @@ at::Tensor compress_kernel(Algorithm algo, const at::Tensor& grad, S* st, S* ax,
       const W w = static_cast<W>(value(i));
       const S c = static_cast<S>(w);
       store<W>(vals, j, w);
+      if (!update) continue;
       if (algo == Algorithm::EF21 || algo == Algorithm::EF21_SGDM) st[i] += c;
       else if (algo == Algorithm::EF) st[i] -= c;
     }
@@ -103,19 +114,26 @@ at::Tensor compress_kernel(Algorithm algo, const at::Tensor& grad, S* st, S* ax,
   return msg;
 }
 
-at::Tensor compress_cpu(const at::Tensor& grad, const std::optional<at::Tensor>& state,
-                        const std::optional<at::Tensor>& aux, c10::string_view algorithm, int64_t k,
-                        double momentum, const std::optional<at::Tensor>& indices, at::ScalarType value_dtype) {
+void check_value_dtype(at::ScalarType value_dtype) {
+  TORCH_CHECK(value_dtype == at::kFloat || value_dtype == at::kBFloat16 || value_dtype == at::kHalf ||
+                  value_dtype == at::kDouble,
+              "value_dtype=", value_dtype, " is not supported; allowed: Float, BFloat16, Half, Double");
+}
+
+// The checks compress_ and commit_ share; returns the algorithm and the state dtype.
+std::pair<Algorithm, at::ScalarType> check_step_args(const at::Tensor& grad, const std::optional<at::Tensor>& state,
+                                                     const std::optional<at::Tensor>& aux,
+                                                     c10::string_view algorithm, int64_t k,
+                                                     const std::optional<at::Tensor>& indices,
+                                                     at::ScalarType value_dtype, const char* op) {
   const Algorithm algo = parse_algorithm(std::string_view(algorithm.data(), algorithm.size()));
-  TORCH_CHECK(algo != Algorithm::DENSE, "compress_ has nothing to do for algorithm='dense'");
+  TORCH_CHECK(algo != Algorithm::DENSE, op, " has nothing to do for algorithm='dense'");
   check_flat(grad, "grad");
   TORCH_CHECK(at::isFloatingType(grad.scalar_type()), "grad must be floating point, got ", grad.scalar_type());
   const int64_t d = grad.numel();
   TORCH_CHECK(d < (int64_t(1) << 31), "grad has ", d, " elements; at most 2^31 - 1 are supported");
   TORCH_CHECK(k >= 1 && k <= d, "k=", k, " is out of range; allowed: 1 <= k <= ", d, " (grad.numel())");
-  TORCH_CHECK(value_dtype == at::kFloat || value_dtype == at::kBFloat16 || value_dtype == at::kHalf ||
-                  value_dtype == at::kDouble,
-              "value_dtype=", value_dtype, " is not supported; allowed: Float, BFloat16, Half, Double");
+  check_value_dtype(value_dtype);
   const bool needs_state = algo != Algorithm::PLAIN;
   const bool needs_aux = algo == Algorithm::EF21_SGDM;
   TORCH_CHECK(!needs_state || state.has_value(), "algorithm='", algorithm, "' needs a state tensor");
@@ -136,13 +154,31 @@ at::Tensor compress_cpu(const at::Tensor& grad, const std::optional<at::Tensor>&
     check_flat(*indices, "indices");
     TORCH_CHECK(indices->scalar_type() == at::kInt, "indices must be int32, got ", indices->scalar_type());
     TORCH_CHECK(indices->numel() == k, "indices has ", indices->numel(), " elements, expected k=", k);
-    // The kernel writes the state at these places: refuse anything that would write out of bounds.
+    // The kernels write the state at these places: refuse anything that would write out of bounds.
     const int32_t* ix = indices->const_data_ptr<int32_t>();
     for (int64_t j = 0; j < k; ++j)
       TORCH_CHECK(ix[j] >= 0 && ix[j] < d && (j == 0 || ix[j] > ix[j - 1]),
                   "indices must be strictly ascending in [0, ", d, "), got indices[", j, "]=", ix[j]);
   }
+  return {algo, sdt};
+}
 
+// Reads the verdict flag of commit_ / aggregate_ (a CPU tensor: no synchronisation).
+bool ok_value(const std::optional<at::Tensor>& ok) {
+  if (!ok.has_value()) return true;
+  TORCH_CHECK(ok->scalar_type() == at::kBool && ok->numel() == 1, "ok must be one bool, got ", ok->scalar_type(),
+              " with ", ok->numel(), " elements");
+  TORCH_CHECK(ok->device().is_cpu(), "ok must be on the CPU, got ", ok->device());
+  return *ok->const_data_ptr<bool>();
+}
+
+at::Tensor compress_cpu(const at::Tensor& grad, const std::optional<at::Tensor>& state,
+                        const std::optional<at::Tensor>& aux, c10::string_view algorithm, int64_t k,
+                        double momentum, const std::optional<at::Tensor>& indices, at::ScalarType value_dtype,
+                        bool update_state) {
+  const auto [algo, sdt] = check_step_args(grad, state, aux, algorithm, k, indices, value_dtype, "compress_");
+  const bool needs_state = algo != Algorithm::PLAIN;
+  const bool needs_aux = algo == Algorithm::EF21_SGDM;
   at::Tensor msg;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad.scalar_type(), "compress_", [&] {
     using G = scalar_t;
@@ -151,7 +187,7 @@ at::Tensor compress_cpu(const at::Tensor& grad, const std::optional<at::Tensor>&
       S* st = needs_state ? state->data_ptr<S>() : nullptr;
       S* ax = needs_aux ? aux->data_ptr<S>() : nullptr;
       AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, value_dtype, "compress_values", [&] {
-        msg = compress_kernel<G, S, scalar_t>(algo, grad, st, ax, k, momentum, indices, value_dtype);
+        msg = compress_kernel<G, S, scalar_t>(algo, grad, st, ax, k, momentum, indices, value_dtype, update_state);
       });
     };
     if (sdt == at::kDouble) with_state(double{});
@@ -160,43 +196,76 @@ at::Tensor compress_cpu(const at::Tensor& grad, const std::optional<at::Tensor>&
   return msg;
 }
 
-template <typename O, typename W>
-void aggregate_kernel(O* out, int64_t d, const uint8_t* base, int64_t n, int64_t row_bytes, int64_t k,
-                      const int32_t* shared_idx, double scale) {
-  using acc = std::conditional_t<std::is_same_v<O, double>, double, float>;
-  auto idx_of = [&](int64_t r) {
+// A batch of messages as aggregate_ reads them: n rows of packed [k int32 | k values], or n rows
+// of k values for the shared `indices`.
+struct Messages {
+  const uint8_t* base;
+  int64_t n, row_bytes, k;
+  const int32_t* shared_idx;  // Rand-k's shared support, or null for packed rows
+  const uint8_t* idx(int64_t r) const {
     return shared_idx ? reinterpret_cast<const uint8_t*>(shared_idx) : base + r * row_bytes;
-  };
-  auto vals_of = [&](int64_t r) {
-    const uint8_t* row = base + r * row_bytes;
-    return shared_idx ? row : row + 4 * k;
-  };
+  }
+  const uint8_t* vals(int64_t r) const { return shared_idx ? base + r * row_bytes : base + r * row_bytes + 4 * k; }
+};
+
+Messages messages_of(const at::Tensor& messages, int64_t k, at::ScalarType value_dtype,
+                     const std::optional<at::Tensor>& indices) {
+  TORCH_CHECK(messages.dim() == 2 && messages.is_contiguous(), "messages must be a contiguous 2-D tensor [n, m]");
+  TORCH_CHECK(messages.device().is_cpu(), "messages must be on the CPU, got ", messages.device());
+  TORCH_CHECK(k >= 1, "k=", k, " is out of range; allowed: k >= 1");
+  check_value_dtype(value_dtype);
+  const int64_t vbytes = c10::elementSize(value_dtype);
+  Messages m{static_cast<const uint8_t*>(messages.const_data_ptr()), messages.size(0), 0, k, nullptr};
+  if (indices.has_value()) {
+    check_flat(*indices, "indices");
+    TORCH_CHECK(indices->scalar_type() == at::kInt && indices->numel() == k, "indices must be int32 with k=", k, " elements");
+    TORCH_CHECK(messages.scalar_type() == value_dtype && messages.size(1) == k,
+                "messages must be [n, k] of value_dtype when indices are given, got ", messages.sizes(), " ",
+                messages.scalar_type());
+    m.shared_idx = indices->const_data_ptr<int32_t>();
+    m.row_bytes = k * vbytes;
+  } else {
+    TORCH_CHECK(messages.scalar_type() == at::kByte, "packed messages must be uint8, got ", messages.scalar_type());
+    m.row_bytes = packed_bytes(k, vbytes);
+    TORCH_CHECK(messages.size(1) == m.row_bytes, "packed messages must have ", m.row_bytes, " bytes per row for k=", k,
+                " and value_dtype=", value_dtype, ", got ", messages.size(1));
+  }
+  return m;
+}
+
+// Refuses indices that would write out of bounds, before anything is written.
+void check_indices(const Messages& m, int64_t d, const char* op) {
   std::atomic<bool> bad{false};
-  at::parallel_for(0, n, 1, [&](int64_t r0, int64_t r1) {
+  at::parallel_for(0, m.n, 1, [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
-      const uint8_t* ix = idx_of(r);
+      const uint8_t* ix = m.idx(r);
       int64_t prev = -1;
-      for (int64_t j = 0; j < k; ++j) {
+      for (int64_t j = 0; j < m.k; ++j) {
         const int64_t i = load<int32_t>(ix, j);
         if (i <= prev || i >= d) bad = true;
         prev = i;
       }
     }
   });
-  TORCH_CHECK(!bad, "aggregate_: a message holds indices that are not strictly ascending in [0, ", d, ")");
+  TORCH_CHECK(!bad, op, ": a message holds indices that are not strictly ascending in [0, ", d, ")");
+}
+
+template <typename O, typename W>
+void apply_messages(O* out, int64_t d, const Messages& m, double scale) {
+  using acc = std::conditional_t<std::is_same_v<O, double>, double, float>;
   const acc s = static_cast<acc>(scale);
   // Each thread owns a range of `out` and applies the messages in row order: deterministic.
   at::parallel_for(0, d, std::max<int64_t>(kGrain, d / std::max(1, at::get_num_threads())), [&](int64_t lo, int64_t hi) {
-    for (int64_t r = 0; r < n; ++r) {
-      const uint8_t* ix = idx_of(r);
-      const uint8_t* v = vals_of(r);
-      int64_t j = 0, hi_j = k;  // first j with ix[j] >= lo (the indices ascend)
+    for (int64_t r = 0; r < m.n; ++r) {
+      const uint8_t* ix = m.idx(r);
+      const uint8_t* v = m.vals(r);
+      int64_t j = 0, hi_j = m.k;  // first j with ix[j] >= lo (the indices ascend)
       while (j < hi_j) {
         const int64_t mid = (j + hi_j) / 2;
         if (load<int32_t>(ix, mid) < lo) j = mid + 1;
         else hi_j = mid;
       }
-      for (; j < k; ++j) {
+      for (; j < m.k; ++j) {
         const int64_t i = load<int32_t>(ix, j);
         if (i >= hi) break;
         out[i] = static_cast<O>(static_cast<acc>(out[i]) + s * static_cast<acc>(load<W>(v, j)));
@@ -206,39 +275,79 @@ void aggregate_kernel(O* out, int64_t d, const uint8_t* base, int64_t n, int64_t
 }
 
 at::Tensor& aggregate_cpu(at::Tensor& out, const at::Tensor& messages, int64_t k, at::ScalarType value_dtype,
-                          double scale, const std::optional<at::Tensor>& indices) {
+                          double scale, const std::optional<at::Tensor>& indices, const std::optional<at::Tensor>& ok) {
   check_flat(out, "out");
-  TORCH_CHECK(messages.dim() == 2 && messages.is_contiguous(), "messages must be a contiguous 2-D tensor [n, m]");
-  TORCH_CHECK(k >= 1, "k=", k, " is out of range; allowed: k >= 1");
-  TORCH_CHECK(value_dtype == at::kFloat || value_dtype == at::kBFloat16 || value_dtype == at::kHalf ||
-                  value_dtype == at::kDouble,
-              "value_dtype=", value_dtype, " is not supported; allowed: Float, BFloat16, Half, Double");
-  const int64_t n = messages.size(0);
-  const int64_t vbytes = c10::elementSize(value_dtype);
-  int64_t row_bytes;
-  const int32_t* shared_idx = nullptr;
-  if (indices.has_value()) {
-    check_flat(*indices, "indices");
-    TORCH_CHECK(indices->scalar_type() == at::kInt && indices->numel() == k, "indices must be int32 with k=", k, " elements");
-    TORCH_CHECK(messages.scalar_type() == value_dtype && messages.size(1) == k,
-                "messages must be [n, k] of value_dtype when indices are given, got ", messages.sizes(), " ",
-                messages.scalar_type());
-    shared_idx = indices->const_data_ptr<int32_t>();
-    row_bytes = k * vbytes;
-  } else {
-    TORCH_CHECK(messages.scalar_type() == at::kByte, "packed messages must be uint8, got ", messages.scalar_type());
-    row_bytes = packed_bytes(k, vbytes);
-    TORCH_CHECK(messages.size(1) == row_bytes, "packed messages must have ", row_bytes, " bytes per row for k=", k,
-                " and value_dtype=", value_dtype, ", got ", messages.size(1));
-  }
-  const auto* base = static_cast<const uint8_t*>(messages.const_data_ptr());
+  const Messages m = messages_of(messages, k, value_dtype, indices);
+  check_indices(m, out.numel(), "aggregate_");
+  if (!ok_value(ok)) return out;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out.scalar_type(), "aggregate_", [&] {
     using O = scalar_t;
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, value_dtype, "aggregate_values", [&] {
-      aggregate_kernel<O, scalar_t>(out.data_ptr<O>(), out.numel(), base, n, row_bytes, k, shared_idx, scale);
+      apply_messages<O, scalar_t>(out.data_ptr<O>(), out.numel(), m, scale);
     });
   });
   return out;
+}
+
+void commit_cpu(const at::Tensor& grad, const std::optional<at::Tensor>& state, const std::optional<at::Tensor>& aux,
+                const at::Tensor& message, c10::string_view algorithm, int64_t k, double momentum,
+                const std::optional<at::Tensor>& indices, at::ScalarType value_dtype,
+                const std::optional<at::Tensor>& ok) {
+  const auto [algo, sdt] = check_step_args(grad, state, aux, algorithm, k, indices, value_dtype, "commit_");
+  TORCH_CHECK(message.dim() == 1, "message must be 1-D (as compress_ returns it), got ", message.dim(), "-D");
+  const Messages m = messages_of(message.view({1, message.numel()}), k, value_dtype, indices);
+  const int64_t d = grad.numel();
+  check_indices(m, d, "commit_");
+  if (algo == Algorithm::PLAIN || !ok_value(ok)) return;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad.scalar_type(), "commit_", [&] {
+    using G = scalar_t;
+    auto with_state = [&](auto s_tag) {
+      using S = decltype(s_tag);
+      S* st = state->data_ptr<S>();
+      S* ax = algo == Algorithm::EF21_SGDM ? aux->data_ptr<S>() : nullptr;
+      materialise(algo, grad.const_data_ptr<G>(), st, ax, static_cast<S>(momentum), d);
+      // g_i += c (ef21, ef21-sgdm) or e -= c (ef): x + 1*c and x + (-1)*c round as x + c and x - c.
+      AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, value_dtype, "commit_values", [&] {
+        apply_messages<S, scalar_t>(st, d, m, algo == Algorithm::EF ? -1.0 : 1.0);
+      });
+    };
+    if (sdt == at::kDouble) with_state(double{});
+    else with_state(float{});
+  });
+}
+
+at::Tensor& all_finite_cpu(at::Tensor& ok, const at::Tensor& messages, int64_t k, at::ScalarType value_dtype) {
+  ok_value(ok);  // checks its type and device
+  const Messages m = messages_of(messages, k, value_dtype, std::nullopt);
+  std::atomic<bool> bad{false};
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, value_dtype, "all_finite_", [&] {
+    using acc = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+    at::parallel_for(0, m.n, 1, [&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r)
+        for (int64_t j = 0; j < m.k; ++j)
+          if (!std::isfinite(static_cast<acc>(load<scalar_t>(m.vals(r), j)))) bad = true;
+    });
+  });
+  if (bad) *ok.data_ptr<bool>() = false;
+  return ok;
+}
+
+void rescale_cpu(at::TensorList tensors, const at::Tensor& scale, const at::Tensor& seen) {
+  for (const auto* t : {&scale, &seen}) {
+    TORCH_CHECK(t->scalar_type() == at::kFloat && t->numel() == 1 && t->device().is_cpu(),
+                "scale and seen must be one float32 each on the CPU, got ", t->scalar_type(), " with ", t->numel(),
+                " elements on ", t->device());
+  }
+  const float s = *scale.const_data_ptr<float>(), z = *seen.const_data_ptr<float>();
+  if (s == z) return;
+  for (const auto& t : tensors) {
+    TORCH_CHECK(t.device().is_cpu(), "tensors must be on the CPU, got ", t.device());
+    // The ratio is formed in the tensor's dtype, as the CUDA kernel does; a power of two is exact.
+    if (t.scalar_type() == at::kDouble) t.mul_(static_cast<double>(s) / static_cast<double>(z));
+    else if (t.scalar_type() == at::kFloat) t.mul_(static_cast<double>(s / z));
+    else TORCH_CHECK(false, "tensors must be float32 or float64, got ", t.scalar_type());
+  }
+  *seen.data_ptr<float>() = s;
 }
 
 }  // namespace
@@ -246,7 +355,10 @@ at::Tensor& aggregate_cpu(at::Tensor& out, const at::Tensor& messages, int64_t k
 TORCH_LIBRARY_IMPL(ef21, CPU, m) {
   m.impl("topk_abs", &topk_abs_cpu);
   m.impl("compress_", &compress_cpu);
+  m.impl("commit_", &commit_cpu);
   m.impl("aggregate_", &aggregate_cpu);
+  m.impl("all_finite_", &all_finite_cpu);
+  m.impl("rescale_", &rescale_cpu);
 }
 
 }  // namespace ef21::cpu

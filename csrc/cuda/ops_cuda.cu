@@ -18,18 +18,23 @@ void check_flat(const at::Tensor& t, const char* name) {
   TORCH_CHECK(t.is_cuda(), name, " must be on a CUDA device, got ", t.device());
 }
 
-// p[i], the vector whose Top-k is sent, for each algorithm (see ops.cpp).
+// p[i], the vector whose Top-k is sent, for each algorithm (see ops.cpp). With update=false the
+// state is only read and v (ef21-sgdm) or e + grad (ef) is formed on the fly, with the same
+// operations materialise_kernel performs.
 template <typename G, typename S>
 struct Target {
   const G* g;
   const S* st;
   const S* ax;
   Algorithm algo;
+  S eta;
+  bool update;
   __device__ __forceinline__ S operator()(int64_t i) const {
     switch (algo) {
       case Algorithm::EF21: return static_cast<S>(g[i]) - st[i];
-      case Algorithm::EF21_SGDM: return ax[i] - st[i];
-      case Algorithm::EF: return st[i];
+      case Algorithm::EF21_SGDM:
+        return (update ? ax[i] : (S(1) - eta) * ax[i] + eta * static_cast<S>(g[i])) - st[i];
+      case Algorithm::EF: return update ? st[i] : st[i] + static_cast<S>(g[i]);
       default: return static_cast<S>(g[i]);
     }
   }
@@ -57,8 +62,12 @@ __device__ __forceinline__ void store(uint8_t* p, int64_t j, T v) {
   memcpy(p + j * static_cast<int64_t>(sizeof(T)), &v, sizeof(T));
 }
 
+// The verdict flag of commit_ / aggregate_: null (always apply) or one bool on the device.
+__device__ __forceinline__ bool skipped(const bool* ok) { return ok != nullptr && !*ok; }
+
 template <typename G, typename S>
-__global__ void materialise_kernel(Algorithm algo, const G* g, S* st, S* ax, S eta, int64_t d) {
+__global__ void materialise_kernel(Algorithm algo, const G* g, S* st, S* ax, S eta, int64_t d, const bool* ok) {
+  if (skipped(ok)) return;
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < d; i += int64_t(gridDim.x) * blockDim.x) {
     if (algo == Algorithm::EF21_SGDM) ax[i] = (S(1) - eta) * ax[i] + eta * static_cast<S>(g[i]);
     else st[i] += static_cast<S>(g[i]);
@@ -72,6 +81,7 @@ __global__ void pack_update_kernel(Target<G, S> value, S* st, const int32_t* idx
     const W w = static_cast<W>(value(i));
     const S c = static_cast<S>(w);
     store<W>(vals, j, w);
+    if (!value.update) continue;
     if (value.algo == Algorithm::EF21 || value.algo == Algorithm::EF21_SGDM) st[i] += c;
     else if (value.algo == Algorithm::EF) st[i] -= c;
   }
@@ -93,19 +103,27 @@ std::tuple<at::Tensor, at::Tensor> topk_abs_cuda(const at::Tensor& x_in, int64_t
   return {idx, x.index_select(0, idx)};
 }
 
-at::Tensor compress_cuda(const at::Tensor& grad, const std::optional<at::Tensor>& state,
-                         const std::optional<at::Tensor>& aux, c10::string_view algorithm, int64_t k, double momentum,
-                         const std::optional<at::Tensor>& indices, at::ScalarType value_dtype) {
+void check_value_dtype(at::ScalarType value_dtype) {
+  TORCH_CHECK(value_dtype == at::kFloat || value_dtype == at::kBFloat16 || value_dtype == at::kHalf ||
+                  value_dtype == at::kDouble,
+              "value_dtype=", value_dtype, " is not supported; allowed: Float, BFloat16, Half, Double");
+}
+
+// The checks compress_ and commit_ share; returns the algorithm and the state dtype. Index values
+// are not read here (that would synchronise); the kernels skip out-of-range ones.
+std::pair<Algorithm, at::ScalarType> check_step_args(const at::Tensor& grad, const std::optional<at::Tensor>& state,
+                                                     const std::optional<at::Tensor>& aux,
+                                                     c10::string_view algorithm, int64_t k,
+                                                     const std::optional<at::Tensor>& indices,
+                                                     at::ScalarType value_dtype, const char* op) {
   const Algorithm algo = parse_algorithm(std::string_view(algorithm.data(), algorithm.size()));
-  TORCH_CHECK(algo != Algorithm::DENSE, "compress_ has nothing to do for algorithm='dense'");
+  TORCH_CHECK(algo != Algorithm::DENSE, op, " has nothing to do for algorithm='dense'");
   check_flat(grad, "grad");
   TORCH_CHECK(at::isFloatingType(grad.scalar_type()), "grad must be floating point, got ", grad.scalar_type());
   const int64_t d = grad.numel();
   TORCH_CHECK(d < (int64_t(1) << 31), "grad has ", d, " elements; at most 2^31 - 1 are supported");
   TORCH_CHECK(k >= 1 && k <= d, "k=", k, " is out of range; allowed: 1 <= k <= ", d, " (grad.numel())");
-  TORCH_CHECK(value_dtype == at::kFloat || value_dtype == at::kBFloat16 || value_dtype == at::kHalf ||
-                  value_dtype == at::kDouble,
-              "value_dtype=", value_dtype, " is not supported; allowed: Float, BFloat16, Half, Double");
+  check_value_dtype(value_dtype);
   const bool needs_state = algo != Algorithm::PLAIN;
   const bool needs_aux = algo == Algorithm::EF21_SGDM;
   TORCH_CHECK(!needs_state || state.has_value(), "algorithm='", algorithm, "' needs a state tensor");
@@ -127,6 +145,25 @@ at::Tensor compress_cuda(const at::Tensor& grad, const std::optional<at::Tensor>
     TORCH_CHECK(indices->scalar_type() == at::kInt, "indices must be int32, got ", indices->scalar_type());
     TORCH_CHECK(indices->numel() == k, "indices has ", indices->numel(), " elements, expected k=", k);
   }
+  return {algo, sdt};
+}
+
+// The verdict flag as a device pointer (null: always apply); never read on the host.
+const bool* ok_ptr(const std::optional<at::Tensor>& ok, const at::Tensor& like) {
+  if (!ok.has_value()) return nullptr;
+  TORCH_CHECK(ok->scalar_type() == at::kBool && ok->numel() == 1, "ok must be one bool, got ", ok->scalar_type(),
+              " with ", ok->numel(), " elements");
+  TORCH_CHECK(ok->device() == like.device(), "ok must be on ", like.device(), ", got ", ok->device());
+  return ok->const_data_ptr<bool>();
+}
+
+at::Tensor compress_cuda(const at::Tensor& grad, const std::optional<at::Tensor>& state,
+                         const std::optional<at::Tensor>& aux, c10::string_view algorithm, int64_t k, double momentum,
+                         const std::optional<at::Tensor>& indices, at::ScalarType value_dtype, bool update_state) {
+  const auto [algo, sdt] = check_step_args(grad, state, aux, algorithm, k, indices, value_dtype, "compress_");
+  const bool needs_state = algo != Algorithm::PLAIN;
+  const bool needs_aux = algo == Algorithm::EF21_SGDM;
+  const int64_t d = grad.numel();
   c10::cuda::CUDAGuard guard(grad.device());
   cudaStream_t stream = at::cuda::getCurrentCUDAStream();
 
@@ -141,12 +178,12 @@ at::Tensor compress_cuda(const at::Tensor& grad, const std::optional<at::Tensor>
       S* st = needs_state ? state->data_ptr<S>() : nullptr;
       S* ax = needs_aux ? aux->data_ptr<S>() : nullptr;
       const G* g = grad.const_data_ptr<G>();
-      if (algo == Algorithm::EF21_SGDM || algo == Algorithm::EF) {
-        materialise_kernel<G, S><<<grid_for(d, kThreads), kThreads, 0, stream>>>(algo, g, st, ax,
-                                                                                 static_cast<S>(momentum), d);
+      if (update_state && (algo == Algorithm::EF21_SGDM || algo == Algorithm::EF)) {
+        materialise_kernel<G, S><<<grid_for(d, kThreads), kThreads, 0, stream>>>(
+            algo, g, st, ax, static_cast<S>(momentum), d, nullptr);
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       }
-      const Target<G, S> value{g, st, ax, algo};
+      const Target<G, S> value{g, st, ax, algo, static_cast<S>(momentum), update_state};
       int32_t* idx = packed ? reinterpret_cast<int32_t*>(msg.data_ptr<uint8_t>()) : indices->data_ptr<int32_t>();
       if (packed) select_topk_abs<S>(value, d, k, idx, grad);
       AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, value_dtype, "compress_cuda_values", [&] {
@@ -167,7 +204,8 @@ at::Tensor compress_cuda(const at::Tensor& grad, const std::optional<at::Tensor>
 // device-side check that needs no host synchronisation).
 template <typename O, typename W>
 __global__ void apply_message_kernel(O* out, int64_t d, const uint8_t* idx, const uint8_t* vals, int64_t k,
-                                     double scale) {
+                                     double scale, const bool* ok) {
+  if (skipped(ok)) return;
   using acc = std::conditional_t<std::is_same_v<O, double>, double, float>;
   const acc s = static_cast<acc>(scale);
   for (int64_t j = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; j < k; j += int64_t(gridDim.x) * blockDim.x) {
@@ -176,48 +214,169 @@ __global__ void apply_message_kernel(O* out, int64_t d, const uint8_t* idx, cons
   }
 }
 
-at::Tensor& aggregate_cuda(at::Tensor& out, const at::Tensor& messages, int64_t k, at::ScalarType value_dtype,
-                           double scale, const std::optional<at::Tensor>& indices) {
-  check_flat(out, "out");
+// A batch of messages as aggregate_ reads them: n rows of packed [k int32 | k values], or n rows
+// of k values for the shared `indices`.
+struct Messages {
+  const uint8_t* base;
+  int64_t n, row_bytes, k;
+  const int32_t* shared_idx;  // Rand-k's shared support, or null for packed rows
+  const uint8_t* idx(int64_t r) const {
+    return shared_idx ? reinterpret_cast<const uint8_t*>(shared_idx) : base + r * row_bytes;
+  }
+  const uint8_t* vals(int64_t r) const { return shared_idx ? base + r * row_bytes : base + r * row_bytes + 4 * k; }
+};
+
+Messages messages_of(const at::Tensor& messages, int64_t k, at::ScalarType value_dtype,
+                     const std::optional<at::Tensor>& indices, const at::Tensor& like) {
   TORCH_CHECK(messages.dim() == 2 && messages.is_contiguous(), "messages must be a contiguous 2-D tensor [n, m]");
-  TORCH_CHECK(messages.device() == out.device(), "messages must be on out's device ", out.device());
+  TORCH_CHECK(messages.device() == like.device(), "messages must be on ", like.device(), ", got ", messages.device());
   TORCH_CHECK(k >= 1, "k=", k, " is out of range; allowed: k >= 1");
-  const int64_t n = messages.size(0);
+  check_value_dtype(value_dtype);
   const int64_t vbytes = c10::elementSize(value_dtype);
-  int64_t row_bytes;
-  const int32_t* shared_idx = nullptr;
+  Messages m{static_cast<const uint8_t*>(messages.const_data_ptr()), messages.size(0), 0, k, nullptr};
   if (indices.has_value()) {
     check_flat(*indices, "indices");
     TORCH_CHECK(indices->scalar_type() == at::kInt && indices->numel() == k, "indices must be int32 with k=", k, " elements");
     TORCH_CHECK(messages.scalar_type() == value_dtype && messages.size(1) == k,
                 "messages must be [n, k] of value_dtype when indices are given, got ", messages.sizes(), " ",
                 messages.scalar_type());
-    shared_idx = indices->const_data_ptr<int32_t>();
-    row_bytes = k * vbytes;
+    m.shared_idx = indices->const_data_ptr<int32_t>();
+    m.row_bytes = k * vbytes;
   } else {
     TORCH_CHECK(messages.scalar_type() == at::kByte, "packed messages must be uint8, got ", messages.scalar_type());
-    row_bytes = packed_bytes(k, vbytes);
-    TORCH_CHECK(messages.size(1) == row_bytes, "packed messages must have ", row_bytes, " bytes per row for k=", k,
+    m.row_bytes = packed_bytes(k, vbytes);
+    TORCH_CHECK(messages.size(1) == m.row_bytes, "packed messages must have ", m.row_bytes, " bytes per row for k=", k,
                 " and value_dtype=", value_dtype, ", got ", messages.size(1));
   }
+  return m;
+}
+
+// One launch per message, in row order.
+template <typename O, typename W>
+void apply_messages(O* out, int64_t d, const Messages& m, double scale, const bool* ok, cudaStream_t stream) {
+  for (int64_t r = 0; r < m.n; ++r) {
+    apply_message_kernel<O, W><<<grid_for(m.k, kThreads), kThreads, 0, stream>>>(out, d, m.idx(r), m.vals(r), m.k,
+                                                                                  scale, ok);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+}
+
+at::Tensor& aggregate_cuda(at::Tensor& out, const at::Tensor& messages, int64_t k, at::ScalarType value_dtype,
+                           double scale, const std::optional<at::Tensor>& indices,
+                           const std::optional<at::Tensor>& ok) {
+  check_flat(out, "out");
+  const Messages m = messages_of(messages, k, value_dtype, indices, out);
+  const bool* okp = ok_ptr(ok, out);
   c10::cuda::CUDAGuard guard(out.device());
   cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  const auto* base = static_cast<const uint8_t*>(messages.const_data_ptr());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out.scalar_type(), "aggregate_cuda", [&] {
     using O = scalar_t;
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, value_dtype, "aggregate_cuda_values", [&] {
-      using W = scalar_t;
-      for (int64_t r = 0; r < n; ++r) {
-        const uint8_t* row = base + r * row_bytes;
-        const uint8_t* ix = shared_idx ? reinterpret_cast<const uint8_t*>(shared_idx) : row;
-        const uint8_t* v = shared_idx ? row : row + 4 * k;
-        apply_message_kernel<O, W><<<grid_for(k, kThreads), kThreads, 0, stream>>>(out.data_ptr<O>(), out.numel(), ix,
-                                                                                    v, k, scale);
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
-      }
+      apply_messages<O, scalar_t>(out.data_ptr<O>(), out.numel(), m, scale, okp, stream);
     });
   });
   return out;
+}
+
+void commit_cuda(const at::Tensor& grad, const std::optional<at::Tensor>& state, const std::optional<at::Tensor>& aux,
+                 const at::Tensor& message, c10::string_view algorithm, int64_t k, double momentum,
+                 const std::optional<at::Tensor>& indices, at::ScalarType value_dtype,
+                 const std::optional<at::Tensor>& ok) {
+  const auto [algo, sdt] = check_step_args(grad, state, aux, algorithm, k, indices, value_dtype, "commit_");
+  TORCH_CHECK(message.dim() == 1, "message must be 1-D (as compress_ returns it), got ", message.dim(), "-D");
+  const Messages m = messages_of(message.view({1, message.numel()}), k, value_dtype, indices, grad);
+  const bool* okp = ok_ptr(ok, grad);
+  if (algo == Algorithm::PLAIN) return;
+  const int64_t d = grad.numel();
+  c10::cuda::CUDAGuard guard(grad.device());
+  cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad.scalar_type(), "commit_cuda", [&] {
+    using G = scalar_t;
+    auto with_state = [&](auto s_tag) {
+      using S = decltype(s_tag);
+      S* st = state->data_ptr<S>();
+      S* ax = algo == Algorithm::EF21_SGDM ? aux->data_ptr<S>() : nullptr;
+      if (algo == Algorithm::EF21_SGDM || algo == Algorithm::EF) {
+        materialise_kernel<G, S><<<grid_for(d, kThreads), kThreads, 0, stream>>>(
+            algo, grad.const_data_ptr<G>(), st, ax, static_cast<S>(momentum), d, okp);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      }
+      // g_i += c (ef21, ef21-sgdm) or e -= c (ef): x + 1*c and x + (-1)*c round as x + c and x - c.
+      AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, value_dtype, "commit_cuda_values", [&] {
+        apply_messages<S, scalar_t>(st, d, m, algo == Algorithm::EF ? -1.0 : 1.0, okp, stream);
+      });
+    };
+    if (sdt == at::kDouble) with_state(double{});
+    else with_state(float{});
+  });
+}
+
+template <typename W>
+__global__ void all_finite_kernel(const uint8_t* base, int64_t n, int64_t row_bytes, int64_t k, bool* ok) {
+  using acc = std::conditional_t<std::is_same_v<W, double>, double, float>;
+  for (int64_t t = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; t < n * k; t += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t r = t / k, j = t % k;
+    // Any number of threads may write, and all of them write false.
+    if (!isfinite(static_cast<acc>(load<W>(base + r * row_bytes + 4 * k, j)))) *ok = false;
+  }
+}
+
+at::Tensor& all_finite_cuda(at::Tensor& ok, const at::Tensor& messages, int64_t k, at::ScalarType value_dtype) {
+  ok_ptr(ok, ok);  // checks its type
+  const Messages m = messages_of(messages, k, value_dtype, std::nullopt, ok);
+  if (m.n == 0) return ok;
+  c10::cuda::CUDAGuard guard(ok.device());
+  cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, value_dtype, "all_finite_cuda", [&] {
+    all_finite_kernel<scalar_t><<<grid_for(m.n * k, kThreads), kThreads, 0, stream>>>(m.base, m.n, m.row_bytes, k,
+                                                                                       ok.data_ptr<bool>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return ok;
+}
+
+// Every thread reads the two scales and leaves at once when they agree: a launch that moves no
+// data on the steps where the loss scale did not change.
+template <typename S>
+__global__ void rescale_kernel(S* x, int64_t d, const float* scale, const float* seen) {
+  const float s = *scale, z = *seen;
+  if (s == z) return;
+  const S r = static_cast<S>(s) / static_cast<S>(z);
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < d; i += int64_t(gridDim.x) * blockDim.x)
+    x[i] = x[i] * r;
+}
+
+__global__ void set_seen_kernel(const float* scale, float* seen) { *seen = *scale; }
+
+void rescale_cuda(at::TensorList tensors, const at::Tensor& scale, const at::Tensor& seen) {
+  for (const auto* t : {&scale, &seen}) {
+    TORCH_CHECK(t->scalar_type() == at::kFloat && t->numel() == 1 && t->is_cuda(),
+                "scale and seen must be one float32 each on a CUDA device, got ", t->scalar_type(), " with ",
+                t->numel(), " elements on ", t->device());
+  }
+  TORCH_CHECK(scale.device() == seen.device(), "scale and seen must be on one device, got ", scale.device(), " and ",
+              seen.device());
+  c10::cuda::CUDAGuard guard(seen.device());
+  cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  for (const auto& t : tensors) {
+    TORCH_CHECK(t.device() == seen.device() && t.is_contiguous(), "tensors must be contiguous on ", seen.device());
+    const int64_t d = t.numel();
+    if (d == 0) continue;
+    if (t.scalar_type() == at::kDouble) {
+      rescale_kernel<double><<<grid_for(d, kThreads), kThreads, 0, stream>>>(t.data_ptr<double>(), d,
+                                                                             scale.const_data_ptr<float>(),
+                                                                             seen.const_data_ptr<float>());
+    } else {
+      TORCH_CHECK(t.scalar_type() == at::kFloat, "tensors must be float32 or float64, got ", t.scalar_type());
+      rescale_kernel<float><<<grid_for(d, kThreads), kThreads, 0, stream>>>(t.data_ptr<float>(), d,
+                                                                            scale.const_data_ptr<float>(),
+                                                                            seen.const_data_ptr<float>());
+    }
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+  // Ordered after the kernels above on the stream, so they all read the old `seen`.
+  set_seen_kernel<<<1, 1, 0, stream>>>(scale.const_data_ptr<float>(), seen.data_ptr<float>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 }  // namespace
@@ -225,7 +384,10 @@ at::Tensor& aggregate_cuda(at::Tensor& out, const at::Tensor& messages, int64_t 
 TORCH_LIBRARY_IMPL(ef21, CUDA, m) {
   m.impl("topk_abs", &topk_abs_cuda);
   m.impl("compress_", &compress_cuda);
+  m.impl("commit_", &commit_cuda);
   m.impl("aggregate_", &aggregate_cuda);
+  m.impl("all_finite_", &all_finite_cuda);
+  m.impl("rescale_", &rescale_cuda);
 }
 
 }  // namespace ef21::cuda

@@ -10,7 +10,7 @@ import platform
 
 import torch
 
-OPS = ("topk_abs", "compress_", "aggregate_")
+OPS = ("topk_abs", "compress_", "commit_", "aggregate_", "all_finite_", "rescale_")
 KEYS = ("CPU", "CUDA")
 
 

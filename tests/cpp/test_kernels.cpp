@@ -133,8 +133,8 @@ at::Tensor compress(const at::Tensor& grad, const std::optional<at::Tensor>& sta
                        .findSchemaOrThrow("ef21::compress_", "")
                        .typed<at::Tensor(const at::Tensor&, const std::optional<at::Tensor>&,
                                          const std::optional<at::Tensor>&, c10::string_view, int64_t, double,
-                                         const std::optional<at::Tensor>&, at::ScalarType)>();
-  return op.call(grad, state, aux, algorithm, k, momentum, indices, value_dtype);
+                                         const std::optional<at::Tensor>&, at::ScalarType, bool)>();
+  return op.call(grad, state, aux, algorithm, k, momentum, indices, value_dtype, /*update_state=*/true);
 }
 
 at::Tensor& aggregate(at::Tensor& out, const at::Tensor& messages, int64_t k, at::ScalarType value_dtype,
@@ -142,8 +142,8 @@ at::Tensor& aggregate(at::Tensor& out, const at::Tensor& messages, int64_t k, at
   static auto op = c10::Dispatcher::singleton()
                        .findSchemaOrThrow("ef21::aggregate_", "")
                        .typed<at::Tensor&(at::Tensor&, const at::Tensor&, int64_t, at::ScalarType, double,
-                                          const std::optional<at::Tensor>&)>();
-  return op.call(out, messages, k, value_dtype, scale, indices);
+                                          const std::optional<at::Tensor>&, const std::optional<at::Tensor>&)>();
+  return op.call(out, messages, k, value_dtype, scale, indices, /*ok=*/std::nullopt);
 }
 
 // The reference selection on a tensor: a stable descending sort of |x|.
