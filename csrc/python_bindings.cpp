@@ -15,10 +15,10 @@ using ef21::EF21Core;
 namespace {
 
 py::dict state_dict_of(const EF21Core::ParamState& ps) {
-  py::dict d;
-  if (ps.state.defined()) d["state"] = ps.state.detach().clone();
-  if (ps.aux.defined()) d["aux"] = ps.aux.detach().clone();
-  if (ps.g.defined()) d["g"] = ps.g.detach().clone();
+  py::dict d;  // copies, in unscaled gradient units
+  if (ps.state.defined()) d["state"] = ps.state;
+  if (ps.aux.defined()) d["aux"] = ps.aux;
+  if (ps.g.defined()) d["g"] = ps.g;
   d["initialized"] = ps.initialized;
   return d;
 }
@@ -50,6 +50,8 @@ PYBIND11_MODULE(_C, m) {
       .def("stats", &EF21Core::stats)
       .def("reset_stats", &EF21Core::reset_stats)
       .def("bucket_params", &EF21Core::bucket_params)
+      .def("units", &EF21Core::units)
+      .def("set_units", &EF21Core::set_units)
       .def("params", &EF21Core::params)
       .def("param_state", [](const EF21Core& self, const at::Tensor& p) { return state_dict_of(self.param_state(p)); })
       .def("set_param_state",
@@ -58,6 +60,14 @@ PYBIND11_MODULE(_C, m) {
              self.set_param_state(p, state.value_or(at::Tensor()), aux.value_or(at::Tensor()),
                                   g.value_or(at::Tensor()), initialized);
            })
+      .def("reinitialize", &EF21Core::reinitialize)
+      .def("set_loss_scale", &EF21Core::set_loss_scale)
+      .def("check_replicas",
+           [](EF21Core& self, const at::Device& device) {
+             py::gil_scoped_release no_gil;
+             self.check_replicas(device);
+           })
+      .def_property("check_every", &EF21Core::check_every, &EF21Core::set_check_every)
       .def_property_readonly("world_size", &EF21Core::world_size)
       .def_property_readonly("rank", &EF21Core::rank)
       .def_property("steps", &EF21Core::steps, &EF21Core::set_steps);

@@ -2,6 +2,7 @@
 
 
 import torch.distributed as dist
+from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from ef21.state import EF21State
@@ -10,7 +11,10 @@ from ef21.state import EF21State
 def register(ddp_model: DistributedDataParallel, state: EF21State) -> EF21State:
     """Registers EF21 as ``ddp_model``'s communication hook, in C++ on DDP's reducer.
 
-    Call it once, before the first backward. Returns ``state``.
+    Call it once. Registering after training has started is fine: the hook's first step
+    initialises EF21 as ``init`` says (``"full"``: one dense step), as in a fresh run. Refuses
+    sparse gradients (``nn.Embedding(sparse=True)``) and complex parameters, by name. Returns
+    ``state``.
 
     Example::
         >>> model = DistributedDataParallel(net)
@@ -24,6 +28,10 @@ def register(ddp_model: DistributedDataParallel, state: EF21State) -> EF21State:
     if getattr(ddp_model, "mixed_precision", None) is not None:
         raise ValueError("ddp_model was built with DDP's mixed_precision=..., which installs its own comm "
                          "hook; build it without mixed_precision (use torch.autocast) to use ef21")
+    if getattr(ddp_model, "skip_all_reduce_unused_params", False):
+        raise ValueError("ddp_model was built with skip_all_reduce_unused_params=True, so DDP may skip "
+                         "buckets; ef21 hands DDP a step's results once its last bucket is in: build it "
+                         "without")
     if getattr(ddp_model, "_use_python_reducer", False):
         raise ValueError("ddp_model uses the Python reducer (compiled autograd DDP); ef21 needs the C++ reducer")
     if getattr(ddp_model, "_ef21_state", None) is not None or getattr(ddp_model, "_comm_hooks", None):
@@ -33,6 +41,7 @@ def register(ddp_model: DistributedDataParallel, state: EF21State) -> EF21State:
     if state.process_group is not None and state.process_group is not ddp_model.process_group:
         raise ValueError("state.process_group is not the process group of ddp_model; pass process_group=None "
                          "to use the model's group")
+    _check_parameters(ddp_model)
     from ef21 import _C
 
     core = state._bind(ddp_model.process_group)
@@ -45,6 +54,8 @@ def register(ddp_model: DistributedDataParallel, state: EF21State) -> EF21State:
     state._names = {id(p): name for name, p in named}
     state._params = [p for _, p in named]
     ddp_model._ef21_state = state
+    if named:
+        state._attach_loss_scale(named[0][1].device)
     if getattr(ddp_model, "logger", None) is not None:
         ddp_model.logger._set_comm_hook_name("ef21")
     return state
@@ -60,6 +71,8 @@ def hook(state: EF21State, bucket: dist.GradBucket):
     """
     core = state._bind()
     _check_one_model(state, bucket)
+    if not state._scale_attached:
+        state._attach_loss_scale()
     # PyTorch's Python hook path takes the result as a Python object, hence the unwrapping step.
     return core.run(bucket).then(_value)
 
@@ -73,6 +86,22 @@ def _check_one_model(state: EF21State, bucket) -> None:
         return
     state._hook_params |= ids
     state._hook_params_complete = bucket.is_last()
+
+
+def _check_parameters(ddp_model: DistributedDataParallel) -> None:
+    """Refuses, by name, what the hook cannot compress: sparse and complex gradients."""
+    for name, module in ddp_model.module.named_modules():
+        # The modules DDP itself expects sparse gradients from.
+        if isinstance(module, (nn.Embedding, nn.EmbeddingBag)) and module.sparse and any(
+                p.requires_grad for p in module.parameters(recurse=False)):
+            kind = type(module).__name__
+            raise ValueError(f"module {name or kind!r} ({kind}(sparse=True)) produces sparse gradients; "
+                             "ef21 compresses dense gradients: build it with sparse=False")
+    for name, p in ddp_model.module.named_parameters():
+        if p.requires_grad and p.is_complex():
+            raise ValueError(f"parameter {name!r} is complex ({p.dtype}); ef21 compresses real gradients: "
+                             "keep it as a real tensor with a last dimension of 2 and view it with "
+                             "torch.view_as_complex in forward")
 
 
 def _value(fut):

@@ -37,6 +37,21 @@ class EF21State:
         init: ``"full"`` | ``"compressed"`` | ``"zero"``, how ``g_i`` and ``g`` start.
         value_dtype: wire dtype of values, ``None`` (float32), ``torch.bfloat16`` or ``torch.float16``.
         seed: seed of Rand-k's shared support.
+        grad_scaler: the ``torch.amp.GradScaler`` of the training loop, if any. The state is kept
+            in scaled-gradient units and follows the loss scale when the scaler changes it (see
+            below).
+        check_every: every this many synced steps, check that the shared ``g`` is bitwise
+            identical on every rank and raise, naming the step and the ranks, if not; ``0`` never.
+
+    Non-finite gradients never reach the state. A rank whose gradient overflowed sends inf/NaN
+    (Top-k selects them first; Rand-k sends NaN), every rank sees it in what it receives, and
+    every rank then leaves its state as it was and hands DDP NaN, so every ``GradScaler`` skips the
+    step. The state is only updated once every rank's message is known to be finite (the check
+    and the update run on the device: no host synchronisation on CUDA).
+
+    With ``grad_scaler``, the core reads the scaler's scale tensor (which the scaler updates in
+    place) on the device at each step; when it differs from the scale the state was kept in,
+    the state is multiplied by the ratio (a power of two: exact). Checkpoints hold unscaled state.
 
     Example::
         >>> state = ef21.EF21State(ratio=0.01)
@@ -46,11 +61,20 @@ class EF21State:
     """
 
     def __init__(self, process_group=None, algorithm="ef21", compressor="topk", ratio=0.01, k=None,
-                 momentum=0.1, init="full", value_dtype=None, seed=0):
+                 momentum=0.1, init="full", value_dtype=None, seed=0, grad_scaler=None, check_every=0):
         self.config = Config.make(algorithm=algorithm, compressor=compressor, ratio=ratio, k=k,
                                   momentum=momentum, init=init, value_dtype=value_dtype, seed=seed)
+        if grad_scaler is not None and not isinstance(grad_scaler, torch.amp.GradScaler):
+            raise TypeError(f"grad_scaler must be a torch.amp.GradScaler or None, "
+                            f"got {type(grad_scaler).__name__}")
+        if isinstance(check_every, bool) or not isinstance(check_every, int) or check_every < 0:
+            raise ValueError(f"check_every={check_every!r} is not allowed; "
+                             "allowed: an integer >= 0 (0: never)")
         self.process_group = process_group
+        self.grad_scaler = grad_scaler
+        self.check_every = check_every
         self._core = None
+        self._scale_attached = False
         self._hook_params: set[int] = set()  # ids of the parameters ef21.hook has seen (one model)
         self._hook_params_complete = False
         self._names: dict[int, str] = {}  # id(param) -> name, set by ef21.register
@@ -74,7 +98,24 @@ class EF21State:
             c = self.config
             self._core = _C.Core(group, c.algorithm, c.compressor, c.ratio, c.k or 0, c.momentum, c.init,
                                  c.value_dtype, c.seed)
+            self._core.check_every = self.check_every
         return self._core
+
+    def _attach_loss_scale(self, device=None) -> None:
+        """Hands the core the GradScaler's scale tensor, once it exists (the scaler makes it at its
+        first ``scale()``; given the model's ``device``, this makes it now)."""
+        scaler = self.grad_scaler
+        if scaler is None or self._scale_attached or not scaler.is_enabled():
+            return
+        # GradScaler keeps the scale in one tensor that update() and load_state_dict() change in
+        # place; _get_scale_async() returns it without a host synchronisation.
+        scale = scaler._get_scale_async()
+        if scale is None and device is not None:
+            scaler.scale(torch.zeros((), device=device))  # its public way to create the scale
+            scale = scaler._get_scale_async()
+        if scale is not None:
+            self._bind().set_loss_scale(scale)
+            self._scale_attached = True
 
     def stats(self) -> dict:
         """Counters since the start (or :meth:`reset_stats`), for this rank.
@@ -108,33 +149,60 @@ class EF21State:
         core = self._core
         return [] if core is None else [(f"param{i}", p) for i, p in enumerate(core.params())]
 
-    def state_dict(self) -> dict:
-        """This rank's state (``g_i`` differs per rank, so save one per rank), with the layout it
-        belongs to: world size, rank, configuration, and each parameter's name and shape."""
+    def _kept(self) -> tuple[str, ...]:
+        """The per-parameter tensors the algorithm keeps."""
+        return {"ef21": ("state", "g"), "ef21-sgdm": ("state", "aux", "g"), "ef": ("state",)}.get(
+            self.config.algorithm, ())
+
+    def state_dict(self, model=None) -> dict:
+        """This rank's state, with the layout it belongs to: save one per rank.
+
+        ``g_i`` differs per rank, so each rank saves its own (``torch.save(state.state_dict(),
+        f"ef21-rank{rank}.pt")``). The dict records the world size, the rank, the configuration, the
+        step count, each parameter's name and shape with its tensors (in unscaled gradient units,
+        zeros for parameters the hook has not seen yet, so the structure depends only on the model
+        and the algorithm), and the compression units (parameter names of the DDP buckets as last
+        rebuilt), so that a resumed run compresses exactly as the uninterrupted one would.
+
+        With ``torch.distributed.checkpoint``, key it by rank (its planner keeps one copy of equal
+        keys): ``dcp.save({f"ef21_rank{rank}": state.state_dict()}, ...)`` and load into the same
+        structure from a registered state before calling :meth:`load_state_dict`.
+        """
         core = self._core
+        named = self._named_params(model)
+        known = {id(p) for p in core.params()} if core is not None else set()
         params = []
-        for name, p in self._named_params():
+        for name, p in named:
             entry = {"name": name, "shape": tuple(p.shape)}
-            if core is not None and any(q is p for q in core.params()):
+            if id(p) in known:
                 entry.update(core.param_state(p))
             else:
                 entry["initialized"] = False
+            dtype = torch.float64 if p.dtype == torch.float64 else torch.float32
+            for key in self._kept():
+                if key not in entry:
+                    entry[key] = torch.zeros(p.numel(), dtype=dtype, device=p.device)
             params.append(entry)
+        name_of = {id(p): name for name, p in named}
+        units = [] if core is None else [(index, [name_of[id(p)] for p in ps]) for index, ps in core.units()]
         return {
             "config": {**self.config.__dict__, "value_dtype": str(self.config.value_dtype)},
             "world_size": None if core is None else core.world_size,
             "rank": None if core is None else core.rank,
             "steps": 0 if core is None else core.steps,
             "params": params,
+            "units": units,
         }
 
     def load_state_dict(self, state_dict: dict, model=None) -> None:
         """Restores :meth:`state_dict` on the same rank of a job of the same shape.
 
-        Call it after :func:`ef21.register` (or pass the DDP ``model`` when the hook was registered
-        with ``ddp_model.register_comm_hook(state, ef21.hook)``). Refuses a different world size,
-        rank, algorithm or parameter layout, saying what differs. When per-rank state is lost, skip
-        loading instead: the next step re-initialises EF21 with one dense step (``init="full"``).
+        Call it on every rank, after :func:`ef21.register` (or pass the DDP ``model`` when the hook
+        was registered with ``ddp_model.register_comm_hook(state, ef21.hook)``). Refuses a
+        different world size, rank, algorithm, compressor or parameter layout, saying what differs.
+
+        When per-rank state is lost, do not load it: a fresh state (or :meth:`reinitialize`)
+        starts with one dense step (``init="full"``), a valid EF21 initialisation.
         """
         core = self._bind()
         mine = {**self.config.__dict__, "value_dtype": str(self.config.value_dtype)}
@@ -153,10 +221,30 @@ class EF21State:
         saved = [(e["name"], tuple(e["shape"])) for e in state_dict["params"]]
         here = [(n, tuple(p.shape)) for n, p in named]
         if saved != here:
-            diff = sorted(set(saved) ^ set(here))[:5]
-            raise ValueError(f"ef21: checkpoint parameter layout differs from the model's "
-                             f"({len(saved)} vs {len(here)} parameters; first differences: {diff})")
+            missing = [f"{n} {list(s)}" for n, s in saved if (n, s) not in here][:3]
+            extra = [f"{n} {list(s)}" for n, s in here if (n, s) not in saved][:3]
+            raise ValueError(f"ef21: checkpoint parameter layout differs from the model's ({len(saved)} vs "
+                             f"{len(here)} parameters; only in the checkpoint: {missing or 'none'}; "
+                             f"only in the model: {extra or 'none'}"
+                             f"{'' if missing or extra else '; the order differs'})")
+        by_name = dict(named)
+        units = state_dict.get("units", [])
+        core.set_units([(int(index), [by_name[n] for n in names]) for index, names in units])
         for entry, (_, p) in zip(state_dict["params"], named):
             core.set_param_state(p, entry.get("state"), entry.get("aux"), entry.get("g"),
                                  bool(entry.get("initialized", False)))
         core.steps = int(state_dict["steps"])
+
+    def reinitialize(self) -> None:
+        """Forgets ``g_i``, ``v``, ``e`` and ``g`` on this rank: the next synced step starts EF21
+        again as ``init`` says (``"full"``: one dense step). Call it on every rank at the same
+        step, e.g. when resuming a model without its per-rank EF21 state."""
+        if self._core is not None:
+            self._core.reinitialize()
+
+    def check_replicas(self) -> None:
+        """Raises, naming the ranks, if the shared ``g`` is not bitwise identical on every rank. A
+        collective: call it on every rank at the same point (``check_every`` does it in the hook)."""
+        core = self._bind()
+        params = core.params()
+        core.check_replicas(params[0].device if params else torch.device("cpu"))
