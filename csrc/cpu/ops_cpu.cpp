@@ -9,6 +9,7 @@
 #include <cstring>
 
 #include "../algorithm.h"
+#include "../op_args.h"
 #include "topk_select.h"
 
 namespace ef21::cpu {
@@ -30,18 +31,11 @@ inline void store(uint8_t* p, int64_t j, T v) {
   std::memcpy(p + j * static_cast<int64_t>(sizeof(T)), &v, sizeof(T));
 }
 
-void check_flat(const at::Tensor& t, const char* name) {
-  TORCH_CHECK(t.dim() == 1, name, " must be 1-D, got ", t.dim(), "-D");
-  TORCH_CHECK(t.is_contiguous(), name, " must be contiguous");
-  TORCH_CHECK(t.device().is_cpu(), name, " must be on the CPU, got ", t.device());
-}
+const at::Device kCpu(at::kCPU);
 
 std::tuple<at::Tensor, at::Tensor> topk_abs_cpu(const at::Tensor& x_in, int64_t k) {
-  TORCH_CHECK(x_in.dim() == 1, "x must be 1-D, got ", x_in.dim(), "-D");
-  TORCH_CHECK(at::isFloatingType(x_in.scalar_type()), "x must be floating point, got ", x_in.scalar_type());
+  check_topk_args(x_in, k);
   const int64_t d = x_in.numel();
-  TORCH_CHECK(d < (int64_t(1) << 31), "x has ", d, " elements; at most 2^31 - 1 are supported");
-  TORCH_CHECK(k >= 1 && k <= d, "k=", k, " is out of range; allowed: 1 <= k <= ", d, " (x.numel())");
   const at::Tensor x = x_in.contiguous();
   at::Tensor idx = at::empty({k}, x.options().dtype(at::kInt));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "topk_abs", [&] {
@@ -114,61 +108,29 @@ at::Tensor compress_kernel(Algorithm algo, const at::Tensor& grad, S* st, S* ax,
   return msg;
 }
 
-void check_value_dtype(at::ScalarType value_dtype) {
-  TORCH_CHECK(value_dtype == at::kFloat || value_dtype == at::kBFloat16 || value_dtype == at::kHalf ||
-                  value_dtype == at::kDouble,
-              "value_dtype=", value_dtype, " is not supported; allowed: Float, BFloat16, Half, Double");
-}
-
-// The checks compress_ and commit_ share; returns the algorithm and the state dtype.
-std::pair<Algorithm, at::ScalarType> check_step_args(const at::Tensor& grad, const std::optional<at::Tensor>& state,
-                                                     const std::optional<at::Tensor>& aux,
-                                                     c10::string_view algorithm, int64_t k,
-                                                     const std::optional<at::Tensor>& indices,
-                                                     at::ScalarType value_dtype, const char* op) {
-  const Algorithm algo = parse_algorithm(std::string_view(algorithm.data(), algorithm.size()));
-  TORCH_CHECK(algo != Algorithm::DENSE, op, " has nothing to do for algorithm='dense'");
-  check_flat(grad, "grad");
-  TORCH_CHECK(at::isFloatingType(grad.scalar_type()), "grad must be floating point, got ", grad.scalar_type());
-  const int64_t d = grad.numel();
-  TORCH_CHECK(d < (int64_t(1) << 31), "grad has ", d, " elements; at most 2^31 - 1 are supported");
-  TORCH_CHECK(k >= 1 && k <= d, "k=", k, " is out of range; allowed: 1 <= k <= ", d, " (grad.numel())");
-  check_value_dtype(value_dtype);
-  const bool needs_state = algo != Algorithm::PLAIN;
-  const bool needs_aux = algo == Algorithm::EF21_SGDM;
-  TORCH_CHECK(!needs_state || state.has_value(), "algorithm='", algorithm, "' needs a state tensor");
-  TORCH_CHECK(!needs_aux || aux.has_value(), "algorithm='", algorithm, "' needs an aux (momentum) tensor");
-  at::ScalarType sdt = grad.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  if (needs_state) {
-    check_flat(*state, "state");
-    sdt = state->scalar_type();
-    TORCH_CHECK(sdt == at::kFloat || sdt == at::kDouble, "state must be float32 or float64, got ", sdt);
-    TORCH_CHECK(state->numel() == d, "state has ", state->numel(), " elements, grad has ", d);
-  }
-  if (needs_aux) {
-    check_flat(*aux, "aux");
-    TORCH_CHECK(aux->scalar_type() == sdt, "aux must have the state's dtype ", sdt, ", got ", aux->scalar_type());
-    TORCH_CHECK(aux->numel() == d, "aux has ", aux->numel(), " elements, grad has ", d);
-  }
+// The shared checks, and the index values, which are cheap to read on the CPU: the kernels write
+// the state at these places, so anything that would write out of bounds is refused first.
+std::pair<Algorithm, at::ScalarType> check_step_args_cpu(const at::Tensor& grad, const std::optional<at::Tensor>& state,
+                                                         const std::optional<at::Tensor>& aux,
+                                                         c10::string_view algorithm, int64_t k,
+                                                         const std::optional<at::Tensor>& indices,
+                                                         at::ScalarType value_dtype, const char* op) {
+  TORCH_CHECK(grad.device() == kCpu, "grad must be on ", kCpu, ", got ", grad.device());
+  const auto checked = check_step_args(grad, state, aux, algorithm, k, indices, value_dtype, op);
   if (indices.has_value()) {
-    check_flat(*indices, "indices");
-    TORCH_CHECK(indices->scalar_type() == at::kInt, "indices must be int32, got ", indices->scalar_type());
-    TORCH_CHECK(indices->numel() == k, "indices has ", indices->numel(), " elements, expected k=", k);
-    // The kernels write the state at these places: refuse anything that would write out of bounds.
+    const int64_t d = grad.numel();
     const int32_t* ix = indices->const_data_ptr<int32_t>();
     for (int64_t j = 0; j < k; ++j)
       TORCH_CHECK(ix[j] >= 0 && ix[j] < d && (j == 0 || ix[j] > ix[j - 1]),
                   "indices must be strictly ascending in [0, ", d, "), got indices[", j, "]=", ix[j]);
   }
-  return {algo, sdt};
+  return checked;
 }
 
 // Reads the verdict flag of commit_ / aggregate_ (a CPU tensor: no synchronisation).
 bool ok_value(const std::optional<at::Tensor>& ok) {
   if (!ok.has_value()) return true;
-  TORCH_CHECK(ok->scalar_type() == at::kBool && ok->numel() == 1, "ok must be one bool, got ", ok->scalar_type(),
-              " with ", ok->numel(), " elements");
-  TORCH_CHECK(ok->device().is_cpu(), "ok must be on the CPU, got ", ok->device());
+  check_ok(*ok, kCpu);
   return *ok->const_data_ptr<bool>();
 }
 
@@ -176,7 +138,7 @@ at::Tensor compress_cpu(const at::Tensor& grad, const std::optional<at::Tensor>&
                         const std::optional<at::Tensor>& aux, c10::string_view algorithm, int64_t k,
                         double momentum, const std::optional<at::Tensor>& indices, at::ScalarType value_dtype,
                         bool update_state) {
-  const auto [algo, sdt] = check_step_args(grad, state, aux, algorithm, k, indices, value_dtype, "compress_");
+  const auto [algo, sdt] = check_step_args_cpu(grad, state, aux, algorithm, k, indices, value_dtype, "compress_");
   const bool needs_state = algo != Algorithm::PLAIN;
   const bool needs_aux = algo == Algorithm::EF21_SGDM;
   at::Tensor msg;
@@ -196,42 +158,6 @@ at::Tensor compress_cpu(const at::Tensor& grad, const std::optional<at::Tensor>&
   return msg;
 }
 
-// A batch of messages as aggregate_ reads them: n rows of packed [k int32 | k values], or n rows
-// of k values for the shared `indices`.
-struct Messages {
-  const uint8_t* base;
-  int64_t n, row_bytes, k;
-  const int32_t* shared_idx;  // Rand-k's shared support, or null for packed rows
-  const uint8_t* idx(int64_t r) const {
-    return shared_idx ? reinterpret_cast<const uint8_t*>(shared_idx) : base + r * row_bytes;
-  }
-  const uint8_t* vals(int64_t r) const { return shared_idx ? base + r * row_bytes : base + r * row_bytes + 4 * k; }
-};
-
-Messages messages_of(const at::Tensor& messages, int64_t k, at::ScalarType value_dtype,
-                     const std::optional<at::Tensor>& indices) {
-  TORCH_CHECK(messages.dim() == 2 && messages.is_contiguous(), "messages must be a contiguous 2-D tensor [n, m]");
-  TORCH_CHECK(messages.device().is_cpu(), "messages must be on the CPU, got ", messages.device());
-  TORCH_CHECK(k >= 1, "k=", k, " is out of range; allowed: k >= 1");
-  check_value_dtype(value_dtype);
-  const int64_t vbytes = c10::elementSize(value_dtype);
-  Messages m{static_cast<const uint8_t*>(messages.const_data_ptr()), messages.size(0), 0, k, nullptr};
-  if (indices.has_value()) {
-    check_flat(*indices, "indices");
-    TORCH_CHECK(indices->scalar_type() == at::kInt && indices->numel() == k, "indices must be int32 with k=", k, " elements");
-    TORCH_CHECK(messages.scalar_type() == value_dtype && messages.size(1) == k,
-                "messages must be [n, k] of value_dtype when indices are given, got ", messages.sizes(), " ",
-                messages.scalar_type());
-    m.shared_idx = indices->const_data_ptr<int32_t>();
-    m.row_bytes = k * vbytes;
-  } else {
-    TORCH_CHECK(messages.scalar_type() == at::kByte, "packed messages must be uint8, got ", messages.scalar_type());
-    m.row_bytes = packed_bytes(k, vbytes);
-    TORCH_CHECK(messages.size(1) == m.row_bytes, "packed messages must have ", m.row_bytes, " bytes per row for k=", k,
-                " and value_dtype=", value_dtype, ", got ", messages.size(1));
-  }
-  return m;
-}
 
 // Refuses indices that would write out of bounds, before anything is written.
 void check_indices(const Messages& m, int64_t d, const char* op) {
@@ -276,8 +202,8 @@ void apply_messages(O* out, int64_t d, const Messages& m, double scale) {
 
 at::Tensor& aggregate_cpu(at::Tensor& out, const at::Tensor& messages, int64_t k, at::ScalarType value_dtype,
                           double scale, const std::optional<at::Tensor>& indices, const std::optional<at::Tensor>& ok) {
-  check_flat(out, "out");
-  const Messages m = messages_of(messages, k, value_dtype, indices);
+  check_flat(out, "out", kCpu);
+  const Messages m = messages_of(messages, k, value_dtype, indices, kCpu);
   check_indices(m, out.numel(), "aggregate_");
   if (!ok_value(ok)) return out;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out.scalar_type(), "aggregate_", [&] {
@@ -293,9 +219,9 @@ void commit_cpu(const at::Tensor& grad, const std::optional<at::Tensor>& state, 
                 const at::Tensor& message, c10::string_view algorithm, int64_t k, double momentum,
                 const std::optional<at::Tensor>& indices, at::ScalarType value_dtype,
                 const std::optional<at::Tensor>& ok) {
-  const auto [algo, sdt] = check_step_args(grad, state, aux, algorithm, k, indices, value_dtype, "commit_");
+  const auto [algo, sdt] = check_step_args_cpu(grad, state, aux, algorithm, k, indices, value_dtype, "commit_");
   TORCH_CHECK(message.dim() == 1, "message must be 1-D (as compress_ returns it), got ", message.dim(), "-D");
-  const Messages m = messages_of(message.view({1, message.numel()}), k, value_dtype, indices);
+  const Messages m = messages_of(message.view({1, message.numel()}), k, value_dtype, indices, kCpu);
   const int64_t d = grad.numel();
   check_indices(m, d, "commit_");
   if (algo == Algorithm::PLAIN || !ok_value(ok)) return;
@@ -318,7 +244,7 @@ void commit_cpu(const at::Tensor& grad, const std::optional<at::Tensor>& state, 
 
 at::Tensor& all_finite_cpu(at::Tensor& ok, const at::Tensor& messages, int64_t k, at::ScalarType value_dtype) {
   ok_value(ok);  // checks its type and device
-  const Messages m = messages_of(messages, k, value_dtype, std::nullopt);
+  const Messages m = messages_of(messages, k, value_dtype, std::nullopt, kCpu);
   std::atomic<bool> bad{false};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, value_dtype, "all_finite_", [&] {
     using acc = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;

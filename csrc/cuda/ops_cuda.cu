@@ -7,16 +7,11 @@
 #include <torch/library.h>
 
 #include "../algorithm.h"
+#include "../op_args.h"
 #include "topk_select.cuh"
 
 namespace ef21::cuda {
 namespace {
-
-void check_flat(const at::Tensor& t, const char* name) {
-  TORCH_CHECK(t.dim() == 1, name, " must be 1-D, got ", t.dim(), "-D");
-  TORCH_CHECK(t.is_contiguous(), name, " must be contiguous");
-  TORCH_CHECK(t.is_cuda(), name, " must be on a CUDA device, got ", t.device());
-}
 
 // p[i], the vector whose Top-k is sent, for each algorithm (see ops.cpp). With update=false the
 // state is only read and v (ef21-sgdm) or e + grad (ef) is formed on the fly, with the same
@@ -88,11 +83,8 @@ __global__ void pack_update_kernel(Target<G, S> value, S* st, const int32_t* idx
 }
 
 std::tuple<at::Tensor, at::Tensor> topk_abs_cuda(const at::Tensor& x_in, int64_t k) {
-  TORCH_CHECK(x_in.dim() == 1, "x must be 1-D, got ", x_in.dim(), "-D");
-  TORCH_CHECK(at::isFloatingType(x_in.scalar_type()), "x must be floating point, got ", x_in.scalar_type());
+  check_topk_args(x_in, k);
   const int64_t d = x_in.numel();
-  TORCH_CHECK(d < (int64_t(1) << 31), "x has ", d, " elements; at most 2^31 - 1 are supported");
-  TORCH_CHECK(k >= 1 && k <= d, "k=", k, " is out of range; allowed: 1 <= k <= ", d, " (x.numel())");
   c10::cuda::CUDAGuard guard(x_in.device());
   const at::Tensor x = x_in.contiguous();
   at::Tensor idx = at::empty({k}, x.options().dtype(at::kInt));
@@ -103,57 +95,10 @@ std::tuple<at::Tensor, at::Tensor> topk_abs_cuda(const at::Tensor& x_in, int64_t
   return {idx, x.index_select(0, idx)};
 }
 
-void check_value_dtype(at::ScalarType value_dtype) {
-  TORCH_CHECK(value_dtype == at::kFloat || value_dtype == at::kBFloat16 || value_dtype == at::kHalf ||
-                  value_dtype == at::kDouble,
-              "value_dtype=", value_dtype, " is not supported; allowed: Float, BFloat16, Half, Double");
-}
-
-// The checks compress_ and commit_ share; returns the algorithm and the state dtype. Index values
-// are not read here (that would synchronise); the kernels skip out-of-range ones.
-std::pair<Algorithm, at::ScalarType> check_step_args(const at::Tensor& grad, const std::optional<at::Tensor>& state,
-                                                     const std::optional<at::Tensor>& aux,
-                                                     c10::string_view algorithm, int64_t k,
-                                                     const std::optional<at::Tensor>& indices,
-                                                     at::ScalarType value_dtype, const char* op) {
-  const Algorithm algo = parse_algorithm(std::string_view(algorithm.data(), algorithm.size()));
-  TORCH_CHECK(algo != Algorithm::DENSE, op, " has nothing to do for algorithm='dense'");
-  check_flat(grad, "grad");
-  TORCH_CHECK(at::isFloatingType(grad.scalar_type()), "grad must be floating point, got ", grad.scalar_type());
-  const int64_t d = grad.numel();
-  TORCH_CHECK(d < (int64_t(1) << 31), "grad has ", d, " elements; at most 2^31 - 1 are supported");
-  TORCH_CHECK(k >= 1 && k <= d, "k=", k, " is out of range; allowed: 1 <= k <= ", d, " (grad.numel())");
-  check_value_dtype(value_dtype);
-  const bool needs_state = algo != Algorithm::PLAIN;
-  const bool needs_aux = algo == Algorithm::EF21_SGDM;
-  TORCH_CHECK(!needs_state || state.has_value(), "algorithm='", algorithm, "' needs a state tensor");
-  TORCH_CHECK(!needs_aux || aux.has_value(), "algorithm='", algorithm, "' needs an aux (momentum) tensor");
-  at::ScalarType sdt = grad.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  if (needs_state) {
-    check_flat(*state, "state");
-    sdt = state->scalar_type();
-    TORCH_CHECK(sdt == at::kFloat || sdt == at::kDouble, "state must be float32 or float64, got ", sdt);
-    TORCH_CHECK(state->numel() == d, "state has ", state->numel(), " elements, grad has ", d);
-  }
-  if (needs_aux) {
-    check_flat(*aux, "aux");
-    TORCH_CHECK(aux->scalar_type() == sdt, "aux must have the state's dtype ", sdt, ", got ", aux->scalar_type());
-    TORCH_CHECK(aux->numel() == d, "aux has ", aux->numel(), " elements, grad has ", d);
-  }
-  if (indices.has_value()) {
-    check_flat(*indices, "indices");
-    TORCH_CHECK(indices->scalar_type() == at::kInt, "indices must be int32, got ", indices->scalar_type());
-    TORCH_CHECK(indices->numel() == k, "indices has ", indices->numel(), " elements, expected k=", k);
-  }
-  return {algo, sdt};
-}
-
 // The verdict flag as a device pointer (null: always apply); never read on the host.
 const bool* ok_ptr(const std::optional<at::Tensor>& ok, const at::Tensor& like) {
   if (!ok.has_value()) return nullptr;
-  TORCH_CHECK(ok->scalar_type() == at::kBool && ok->numel() == 1, "ok must be one bool, got ", ok->scalar_type(),
-              " with ", ok->numel(), " elements");
-  TORCH_CHECK(ok->device() == like.device(), "ok must be on ", like.device(), ", got ", ok->device());
+  check_ok(*ok, like.device());
   return ok->const_data_ptr<bool>();
 }
 
@@ -214,43 +159,6 @@ __global__ void apply_message_kernel(O* out, int64_t d, const uint8_t* idx, cons
   }
 }
 
-// A batch of messages as aggregate_ reads them: n rows of packed [k int32 | k values], or n rows
-// of k values for the shared `indices`.
-struct Messages {
-  const uint8_t* base;
-  int64_t n, row_bytes, k;
-  const int32_t* shared_idx;  // Rand-k's shared support, or null for packed rows
-  const uint8_t* idx(int64_t r) const {
-    return shared_idx ? reinterpret_cast<const uint8_t*>(shared_idx) : base + r * row_bytes;
-  }
-  const uint8_t* vals(int64_t r) const { return shared_idx ? base + r * row_bytes : base + r * row_bytes + 4 * k; }
-};
-
-Messages messages_of(const at::Tensor& messages, int64_t k, at::ScalarType value_dtype,
-                     const std::optional<at::Tensor>& indices, const at::Tensor& like) {
-  TORCH_CHECK(messages.dim() == 2 && messages.is_contiguous(), "messages must be a contiguous 2-D tensor [n, m]");
-  TORCH_CHECK(messages.device() == like.device(), "messages must be on ", like.device(), ", got ", messages.device());
-  TORCH_CHECK(k >= 1, "k=", k, " is out of range; allowed: k >= 1");
-  check_value_dtype(value_dtype);
-  const int64_t vbytes = c10::elementSize(value_dtype);
-  Messages m{static_cast<const uint8_t*>(messages.const_data_ptr()), messages.size(0), 0, k, nullptr};
-  if (indices.has_value()) {
-    check_flat(*indices, "indices");
-    TORCH_CHECK(indices->scalar_type() == at::kInt && indices->numel() == k, "indices must be int32 with k=", k, " elements");
-    TORCH_CHECK(messages.scalar_type() == value_dtype && messages.size(1) == k,
-                "messages must be [n, k] of value_dtype when indices are given, got ", messages.sizes(), " ",
-                messages.scalar_type());
-    m.shared_idx = indices->const_data_ptr<int32_t>();
-    m.row_bytes = k * vbytes;
-  } else {
-    TORCH_CHECK(messages.scalar_type() == at::kByte, "packed messages must be uint8, got ", messages.scalar_type());
-    m.row_bytes = packed_bytes(k, vbytes);
-    TORCH_CHECK(messages.size(1) == m.row_bytes, "packed messages must have ", m.row_bytes, " bytes per row for k=", k,
-                " and value_dtype=", value_dtype, ", got ", messages.size(1));
-  }
-  return m;
-}
-
 // One launch per message, in row order.
 template <typename O, typename W>
 void apply_messages(O* out, int64_t d, const Messages& m, double scale, const bool* ok, cudaStream_t stream) {
@@ -264,8 +172,8 @@ void apply_messages(O* out, int64_t d, const Messages& m, double scale, const bo
 at::Tensor& aggregate_cuda(at::Tensor& out, const at::Tensor& messages, int64_t k, at::ScalarType value_dtype,
                            double scale, const std::optional<at::Tensor>& indices,
                            const std::optional<at::Tensor>& ok) {
-  check_flat(out, "out");
-  const Messages m = messages_of(messages, k, value_dtype, indices, out);
+  check_flat(out, "out", out.device());
+  const Messages m = messages_of(messages, k, value_dtype, indices, out.device());
   const bool* okp = ok_ptr(ok, out);
   c10::cuda::CUDAGuard guard(out.device());
   cudaStream_t stream = at::cuda::getCurrentCUDAStream();
@@ -284,7 +192,7 @@ void commit_cuda(const at::Tensor& grad, const std::optional<at::Tensor>& state,
                  const std::optional<at::Tensor>& ok) {
   const auto [algo, sdt] = check_step_args(grad, state, aux, algorithm, k, indices, value_dtype, "commit_");
   TORCH_CHECK(message.dim() == 1, "message must be 1-D (as compress_ returns it), got ", message.dim(), "-D");
-  const Messages m = messages_of(message.view({1, message.numel()}), k, value_dtype, indices, grad);
+  const Messages m = messages_of(message.view({1, message.numel()}), k, value_dtype, indices, grad.device());
   const bool* okp = ok_ptr(ok, grad);
   if (algo == Algorithm::PLAIN) return;
   const int64_t d = grad.numel();
@@ -323,7 +231,7 @@ __global__ void all_finite_kernel(const uint8_t* base, int64_t n, int64_t row_by
 
 at::Tensor& all_finite_cuda(at::Tensor& ok, const at::Tensor& messages, int64_t k, at::ScalarType value_dtype) {
   ok_ptr(ok, ok);  // checks its type
-  const Messages m = messages_of(messages, k, value_dtype, std::nullopt, ok);
+  const Messages m = messages_of(messages, k, value_dtype, std::nullopt, ok.device());
   if (m.n == 0) return ok;
   c10::cuda::CUDAGuard guard(ok.device());
   cudaStream_t stream = at::cuda::getCurrentCUDAStream();
