@@ -234,6 +234,7 @@ def main(argv=None) -> None:
         report(results, args, world)
         if args.check:
             ok = check(results)
+    dist.barrier()  # leave together: no rank closes its connections while rank 0 still writes
     dist.destroy_process_group()
     if not ok:
         sys.exit(1)

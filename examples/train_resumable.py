@@ -149,6 +149,7 @@ def main(argv=None) -> None:
               f"(since the last start)", flush=True)
         if args.out:
             torch.save({n: p.detach().cpu() for n, p in model.named_parameters()}, args.out)
+    dist.barrier()  # leave together: no rank closes its connections while rank 0 still writes
     dist.destroy_process_group()
 
 

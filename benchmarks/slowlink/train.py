@@ -301,6 +301,7 @@ def main(argv=None) -> None:
             json.dump({"args": vars(args), "world_size": world, "parameters": params, "link_check": check,
                        "load_average": os.getloadavg(), "results": results}, f, indent=1)
         print(f"saved {path}", flush=True)
+    dist.barrier()  # leave together: no rank closes its connections while rank 0 still writes
     dist.destroy_process_group()
 
 
