@@ -163,6 +163,15 @@ if [ "$probe" = 1 ]; then
 fi
 if [ -n "$missing" ]; then echo "run.sh: $missing" >&2; exit 3; fi
 
+# Namespaces of a run that was killed outright (SIGKILL skips the trap) would stay forever: remove
+# those whose run.sh is gone.
+for ns in $(ip netns list 2>/dev/null | awk '{print $1}'); do
+  [[ "$ns" =~ ^ef21sl([0-9]+)(hub|probe|n[0-9]+)$ ]] || continue
+  kill -0 "${BASH_REMATCH[1]}" 2>/dev/null && continue
+  for pid in $(ip netns pids "$ns" 2>/dev/null); do kill -KILL "$pid" 2>/dev/null || true; done
+  ip netns del "$ns" 2>/dev/null && echo "run.sh: removed $ns, left behind by a run that no longer exists"
+done
+
 train_args=()
 if [ "$quick" = 1 ]; then
   rates="100mbit"

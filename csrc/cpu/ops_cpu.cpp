@@ -61,7 +61,45 @@ void materialise(Algorithm algo, const G* g, S* st, S* ax, S eta, int64_t d) {
   }
 }
 
-template <typename G, typename S, typename W>
+// p[i], what compress_ selects over and sends: grad - g_i (ef21), v' - g_i (ef21-sgdm), e' (ef) or
+// grad (plain), where v' and e' are the updated v and e: read from the state when compress_
+// materialised them first, formed on the fly (the same expression, so the same bits) when the
+// update is deferred to commit_. The algorithm is a template argument so that the selection's
+// passes compile to straight loads and arithmetic, without a branch per element.
+template <Algorithm A, bool kOnTheFly, typename G, typename S>
+struct Target {
+  const G* g;
+  const S* st;
+  const S* ax;
+  S eta;
+  S operator()(int64_t i) const {
+    if constexpr (A == Algorithm::EF21) return static_cast<S>(g[i]) - st[i];
+    else if constexpr (A == Algorithm::EF21_SGDM && kOnTheFly)
+      return ((S(1) - eta) * ax[i] + eta * static_cast<S>(g[i])) - st[i];
+    else if constexpr (A == Algorithm::EF21_SGDM) return ax[i] - st[i];
+    else if constexpr (A == Algorithm::EF && kOnTheFly) return st[i] + static_cast<S>(g[i]);
+    else if constexpr (A == Algorithm::EF) return st[i];
+    else return static_cast<S>(g[i]);
+  }
+};
+
+// Calls f(target) with the Target of `algo`; the state is read only if `algo` keeps one.
+template <typename G, typename S, typename F>
+void with_target(Algorithm algo, bool on_the_fly, const G* g, const S* st, const S* ax, S eta, F&& f) {
+  using A = Algorithm;
+  switch (algo) {
+    case A::EF21: return f(Target<A::EF21, false, G, S>{g, st, ax, eta});
+    case A::EF21_SGDM:
+      if (on_the_fly) return f(Target<A::EF21_SGDM, true, G, S>{g, st, ax, eta});
+      return f(Target<A::EF21_SGDM, false, G, S>{g, st, ax, eta});
+    case A::EF:
+      if (on_the_fly) return f(Target<A::EF, true, G, S>{g, st, ax, eta});
+      return f(Target<A::EF, false, G, S>{g, st, ax, eta});
+    default: return f(Target<A::PLAIN, false, G, S>{g, st, ax, eta});
+  }
+}
+
+template <typename G, typename S>
 at::Tensor compress_kernel(Algorithm algo, const at::Tensor& grad, S* st, S* ax, int64_t k, double momentum,
                            const std::optional<at::Tensor>& indices, at::ScalarType value_dtype, bool update) {
   const int64_t d = grad.numel();
@@ -71,39 +109,30 @@ at::Tensor compress_kernel(Algorithm algo, const at::Tensor& grad, S* st, S* ax,
   // Materialise the target where it is state anyway (v for ef21-sgdm, e for ef), unless the
   // update is deferred to commit_.
   if (update) materialise(algo, g, st, ax, eta, d);
-  auto value = [&](int64_t i) -> S {
-    switch (algo) {
-      case Algorithm::EF21: return static_cast<S>(g[i]) - st[i];
-      case Algorithm::EF21_SGDM:
-        return (update ? ax[i] : (S(1) - eta) * ax[i] + eta * static_cast<S>(g[i])) - st[i];
-      case Algorithm::EF: return update ? st[i] : st[i] + static_cast<S>(g[i]);
-      default: return static_cast<S>(g[i]);
-    }
-  };
 
   const bool packed = !indices.has_value();
-  at::Tensor msg = packed ? at::empty({packed_bytes(k, sizeof(W))}, grad.options().dtype(at::kByte))
+  const int64_t vbytes = c10::elementSize(value_dtype);
+  at::Tensor msg = packed ? at::empty({packed_bytes(k, vbytes)}, grad.options().dtype(at::kByte))
                           : at::empty({k}, grad.options().dtype(value_dtype));
-  int32_t* idx;  // the message's first bytes (allocator-aligned) or the given indices
-  uint8_t* vals;
-  if (packed) {
-    idx = reinterpret_cast<int32_t*>(msg.data_ptr<uint8_t>());
-    vals = msg.data_ptr<uint8_t>() + 4 * k;
-    select_topk_abs<S>(d, k, value, idx);
-  } else {
-    idx = indices->data_ptr<int32_t>();
-    vals = static_cast<uint8_t*>(msg.data_ptr());
-  }
-  at::parallel_for(0, k, kGrain, [&](int64_t lo, int64_t hi) {
-    for (int64_t j = lo; j < hi; ++j) {
-      const int64_t i = idx[j];
-      const W w = static_cast<W>(value(i));
-      const S c = static_cast<S>(w);
-      store<W>(vals, j, w);
-      if (!update) continue;
-      if (algo == Algorithm::EF21 || algo == Algorithm::EF21_SGDM) st[i] += c;
-      else if (algo == Algorithm::EF) st[i] -= c;
-    }
+  // The message's first bytes (allocator-aligned) or the given indices.
+  int32_t* idx = packed ? reinterpret_cast<int32_t*>(msg.data_ptr<uint8_t>()) : indices->data_ptr<int32_t>();
+  uint8_t* vals = static_cast<uint8_t*>(msg.data_ptr()) + (packed ? 4 * k : 0);
+  with_target(algo, !update, g, st, ax, eta, [&](const auto& value) {
+    if (packed) select_topk_abs<S>(d, k, value, idx);
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, value_dtype, "compress_values", [&] {
+      using W = scalar_t;
+      at::parallel_for(0, k, kGrain, [&](int64_t lo, int64_t hi) {
+        for (int64_t j = lo; j < hi; ++j) {
+          const int64_t i = idx[j];
+          const W w = static_cast<W>(value(i));
+          const S c = static_cast<S>(w);
+          store<W>(vals, j, w);
+          if (!update) continue;
+          if (algo == Algorithm::EF21 || algo == Algorithm::EF21_SGDM) st[i] += c;
+          else if (algo == Algorithm::EF) st[i] -= c;
+        }
+      });
+    });
   });
   return msg;
 }
@@ -148,9 +177,7 @@ at::Tensor compress_cpu(const at::Tensor& grad, const std::optional<at::Tensor>&
       using S = decltype(s_tag);
       S* st = needs_state ? state->data_ptr<S>() : nullptr;
       S* ax = needs_aux ? aux->data_ptr<S>() : nullptr;
-      AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, value_dtype, "compress_values", [&] {
-        msg = compress_kernel<G, S, scalar_t>(algo, grad, st, ax, k, momentum, indices, value_dtype, update_state);
-      });
+      msg = compress_kernel<G, S>(algo, grad, st, ax, k, momentum, indices, value_dtype, update_state);
     };
     if (sdt == at::kDouble) with_state(double{});
     else with_state(float{});
