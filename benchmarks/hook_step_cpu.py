@@ -41,6 +41,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--algorithm", default="ef21-sgdm")
     p.add_argument("--ratio", type=float, default=0.001)
+    p.add_argument("--compressor", default="topk")
     p.add_argument("--hidden", type=int, default=2048)
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--threads", type=int, default=1)
@@ -54,10 +55,11 @@ def main() -> None:
     big = 1 << 30  # one bucket for the whole model, as in the slow-link benchmark
     dense = DistributedDataParallel(make_model(args.hidden), bucket_cap_mb=big)
     hooked = DistributedDataParallel(make_model(args.hidden), bucket_cap_mb=big)
-    state = ef21.register(hooked, ef21.EF21State(algorithm=args.algorithm, ratio=args.ratio))
+    state = ef21.register(hooked, ef21.EF21State(algorithm=args.algorithm, ratio=args.ratio,
+                                                          compressor=args.compressor))
     d = sum(q.numel() for q in hooked.parameters())
 
-    for name, model in (("dense allreduce", dense), (f"ef21 hook ({args.algorithm}, ratio {args.ratio})", hooked)):
+    for name, model in (("dense allreduce", dense), (f"ef21 hook ({args.algorithm}, {args.compressor} {args.ratio})", hooked)):
         step_times(model, 5)  # warm up; the hook's first step is its dense initialisation
         t = sorted(step_times(model, args.steps))
         print(f"{name:40s} median step {1e3 * t[len(t) // 2]:7.2f} ms  (d = {d / 1e6:.2f}M, {args.threads} thread)")

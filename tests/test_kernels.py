@@ -631,6 +631,26 @@ def test_randk_indices_sorted_distinct_in_range(d, k):
         torch.testing.assert_close(idx, torch.arange(d, dtype=torch.int32), **EXACT)
 
 
+def _floyd_reference(d: int, k: int, seed: int) -> list[int]:
+    """splitmix64 draws and Floyd's sampling, in plain Python (the definition of the support)."""
+    mask = (1 << 64) - 1
+    s, picked = seed, set()
+    for j in range(d - k, d):
+        s = (s + 0x9E3779B97F4A7C15) & mask
+        z = ((s ^ (s >> 30)) * 0xBF58476D1CE4E5B9) & mask
+        z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & mask
+        t = (z ^ (z >> 31)) % (j + 1)
+        picked.add(j if t in picked else t)
+    return sorted(picked)
+
+
+# The core keeps a bitmap when k is at least d/2048 and a hash set below: both are covered.
+@pytest.mark.parametrize("d, k", [(10, 3), (10_000, 100), (10_000, 9_999), (1_000_000, 10), (300_000, 146)])
+def test_randk_indices_are_floyds_sample(d, k):
+    for seed in (0, 7, 2**64 - 1):
+        assert ef21._C.randk_indices(d, k, seed).tolist() == _floyd_reference(d, k, seed)
+
+
 def test_randk_indices_deterministic_per_seed():
     a = ef21._C.randk_indices(10_000, 100, 42)
     assert torch.equal(a, ef21._C.randk_indices(10_000, 100, 42))

@@ -25,11 +25,29 @@ inline at::Tensor randk_indices(int64_t d, int64_t k, uint64_t seed) {
   picked.reserve(k);
   if (k == d) {
     for (int64_t i = 0; i < d; ++i) picked.push_back(static_cast<int32_t>(i));
+  } else if (d <= 2048 * k) {
+    // Dense enough for a bitmap of d bits (at most 256 bytes per index, less than a hash set's
+    // nodes): membership is one bit, and a scan of the words yields the indices in order.
+    std::vector<uint64_t> bits((d + 63) / 64, 0);
+    auto test_set = [&bits](int64_t i) {
+      const uint64_t bit = uint64_t(1) << (i & 63);
+      const bool was = bits[i >> 6] & bit;
+      bits[i >> 6] |= bit;
+      return was;
+    };
+    uint64_t s = seed;
+    for (int64_t j = d - k; j < d; ++j) {  // Floyd: uniform k-subset in k draws
+      const int64_t t = static_cast<int64_t>(splitmix64(s) % static_cast<uint64_t>(j + 1));
+      if (test_set(t)) test_set(j);
+    }
+    for (size_t w = 0; w < bits.size(); ++w)
+      for (uint64_t b = bits[w]; b; b &= b - 1)
+        picked.push_back(static_cast<int32_t>(int64_t(w) * 64 + __builtin_ctzll(b)));
   } else {
     std::unordered_set<int64_t> seen;
     seen.reserve(2 * k);
     uint64_t s = seed;
-    for (int64_t j = d - k; j < d; ++j) {  // Floyd: uniform k-subset in k draws
+    for (int64_t j = d - k; j < d; ++j) {  // the same draws, remembered in a hash set
       const int64_t t = static_cast<int64_t>(splitmix64(s) % static_cast<uint64_t>(j + 1));
       const int64_t pick = seen.insert(t).second ? t : j;
       if (pick == j) seen.insert(j);
