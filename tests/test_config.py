@@ -92,6 +92,13 @@ def test_bad_seed(seed):
         ef21.EF21State(compressor="randk", seed=seed)
 
 
+@pytest.mark.parametrize("group", ["world", 0, object()])
+def test_process_group_of_the_wrong_type(group):
+    with raises_naming(TypeError, "process_group must be a torch.distributed.ProcessGroup or None",
+                       type(group).__name__):
+        ef21.EF21State(process_group=group)
+
+
 def test_config_make_is_the_one_validation():
     # EF21State validates through Config.make: the same message either way.
     with pytest.raises(ValueError) as direct:

@@ -70,6 +70,9 @@ class EF21State:
         if isinstance(check_every, bool) or not isinstance(check_every, int) or check_every < 0:
             raise ValueError(f"check_every={check_every!r} is not allowed; "
                              "allowed: an integer >= 0 (0: never)")
+        if process_group is not None and not isinstance(process_group, dist.ProcessGroup):
+            raise TypeError(f"process_group must be a torch.distributed.ProcessGroup or None, "
+                            f"got {type(process_group).__name__} {process_group!r}")
         self.process_group = process_group
         self.grad_scaler = grad_scaler
         self.check_every = check_every
