@@ -261,3 +261,99 @@ def test_state_shared_by_two_models_on_the_hook_path(group):
     step(first)  # the same model again is fine
     with pytest.raises(RuntimeError, match="already serves another model"):
         step(second)
+
+
+# ----------------------------------------------------------------------------------------------
+# Numbers of any type, k_for, stats before any traffic.
+
+
+def test_numpy_numbers_are_numbers():
+    np = pytest.importorskip("numpy")
+    c = ef21.EF21State(algorithm="ef21-sgdm", compressor="randk", ratio=np.float32(0.25), k=np.int64(5),
+                       momentum=np.float64(0.5), seed=np.int64(3)).config
+    assert (c.ratio, c.k, c.momentum, c.seed) == (0.25, 5, 0.5, 3)
+    assert all(type(v) in (int, float) for v in (c.ratio, c.k, c.momentum, c.seed))
+
+
+@pytest.mark.parametrize("args, named", [((100, 0), "ratio=0"), ((100, "0.1"), "ratio='0.1' is not a number"),
+                                         ((100, 0.1, -3), "k=-3"), ((0, 0.5), "numel=0"),
+                                         ((2.5, 0.5), "numel=2.5")])
+def test_k_for_refuses_bad_arguments(args, named):
+    with raises_naming(ValueError, named, "allowed"):
+        ef21.k_for(*args)
+
+
+def test_k_for_is_ceil_and_at_most_numel():
+    assert [ef21.k_for(100, 0.1), ef21.k_for(101, 0.1), ef21.k_for(123, 4 / 123), ef21.k_for(100, 0.1, k=7),
+            ef21.k_for(100, 0.1, k=1000), ef21.k_for(1, 1e-9)] == [10, 11, 4, 7, 100, 1]
+
+
+def test_compression_is_one_while_nothing_was_sent(group):
+    state = ef21.EF21State(ratio=0.5)
+    assert state.stats()["compression"] == 1.0  # before registration
+    model = ddp()
+    ef21.register(model, state)
+    step(model)
+    step(model)
+    assert state.stats()["bytes_sent"] == 0 and state.stats()["compression"] == 1.0  # one rank sends nothing
+
+
+# ----------------------------------------------------------------------------------------------
+# Checkpoint misuse, in one process (the multi-rank behaviour is in test_checkpoint.py).
+
+
+def trained(hook="cpp", **kwargs):
+    model, state = ddp(), ef21.EF21State(ratio=0.5, **kwargs)
+    if hook == "cpp":
+        ef21.register(model, state)
+    else:
+        model.register_comm_hook(state, ef21.hook)
+    step(model)
+    step(model)
+    return model, state
+
+
+def test_loading_something_else_is_refused_by_name(group):
+    model, state = trained()
+    with raises_naming(ValueError, "state_dict is not an EF21State.state_dict()", "'config'", "got ['bias', 'weight']"):
+        state.load_state_dict(model.module.state_dict())
+    with raises_naming(ValueError, "state_dict is not an EF21State.state_dict()", "got list"):
+        state.load_state_dict([])
+
+
+def test_a_refused_load_before_registration_leaves_the_state_free(group):
+    _, saved = trained()
+    fresh = ef21.EF21State(ratio=0.5)
+    with raises_naming(RuntimeError, "no parameters to load into", "ef21.register(ddp_model, state) first"):
+        fresh.load_state_dict(saved.state_dict())
+    model = ddp()
+    ef21.register(model, fresh)  # still free to register
+    fresh.load_state_dict(saved.state_dict())
+
+
+def test_loading_with_another_model_than_the_registered_one_is_refused(group):
+    model, state = trained()
+    with raises_naming(ValueError, "model is not the model this state is registered on"):
+        state.load_state_dict(state.state_dict(), model=ddp())
+
+
+def test_other_compressor_settings_load_with_a_warning(group):
+    _, saved = trained()
+    model = ddp()
+    state = ef21.register(model, ef21.EF21State(ratio=0.25, value_dtype=torch.float16))
+    with pytest.warns(UserWarning, match=r"ratio=0.5 -> 0.25.*value_dtype='torch.float32' -> 'torch.float16'"):
+        state.load_state_dict(saved.state_dict())
+
+
+def test_hook_path_checkpoints_need_the_model(group):
+    model, state = trained(hook="python")
+    with raises_naming(RuntimeError, "register_comm_hook(state, ef21.hook)", "pass model=ddp_model"):
+        state.state_dict()
+    sd = state.state_dict(model=model)
+    assert [e["name"] for e in sd["params"]] == ["weight", "bias"]
+    fresh_model, fresh = ddp(), ef21.EF21State(ratio=0.5)
+    fresh_model.register_comm_hook(fresh, ef21.hook)
+    fresh.load_state_dict(sd, model=fresh_model)  # before its first step, as on resume
+    got = fresh.state_dict(model=fresh_model)
+    for a, b in zip(sd["params"], got["params"]):
+        assert a["name"] == b["name"] and torch.equal(a["g"], b["g"]) and torch.equal(a["state"], b["state"])

@@ -4,7 +4,8 @@
   corrupts its state; the run equals the reference in which a joined rank's gradient is zero;
 * replica drift: ``check_every`` raises on every rank, naming the step and the rank that differs;
 * bad input, never silent: sparse gradients, complex parameters and a process group other than
-  the model's are refused by name (at registration, or at the first step through ``ef21.hook``);
+  the model's are refused by name (at registration, or at the first step through ``ef21.hook``),
+  and so are ranks given different settings (at registration, naming each rank's value);
   registering after training started is handled: the first hooked step initialises EF21, as the
   reference does.
 
@@ -147,6 +148,10 @@ def refused(rank, world):
         DistributedDataParallel(make_net(Run()), find_unused_parameters=True,
                                 skip_all_reduce_unused_params=True),
         ef21.EF21State(**EF21)))
+    attempt("settings", lambda: ef21.register(DistributedDataParallel(make_net(Run())),
+                                              ef21.EF21State(algorithm="ef21", ratio=0.1 if rank == 0 else 0.5)))
+    attempt("seed", lambda: ef21.register(DistributedDataParallel(make_net(Run())),
+                                          ef21.EF21State(compressor="randk", ratio=0.1, seed=rank)))
     return errors
 
 
@@ -239,6 +244,9 @@ def test_bad_input_is_refused_by_name(results):
         assert "is complex (ComplexFloat)" in errors["complex-hook"]
         assert "state.process_group is not the process group of ddp_model" in errors["group"]
         assert "skip_all_reduce_unused_params" in errors["skip-unused"]
+        # Without the check, these ranks would block in mismatched collectives until the timeout.
+        assert "different EF21State settings (ratio: rank 0 0.1, rank 1 0.5)" in errors["settings"]
+        assert "(seed: rank 0 0, rank 1 1)" in errors["seed"]
 
 
 def test_registration_after_training_started_initialises_on_the_first_hooked_step(results):

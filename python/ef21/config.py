@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numbers
 import operator
 from dataclasses import dataclass
 
@@ -19,6 +20,24 @@ VALUE_DTYPES = {None: torch.float32, torch.float32: torch.float32, torch.bfloat1
 
 def _allowed(values) -> str:
     return ", ".join(repr(v) for v in values)
+
+
+def _integer(x) -> int | None:
+    """x as an int if it is an integer of any type (numpy's too), else None; bool is not one."""
+    if isinstance(x, bool):
+        return None
+    try:
+        return operator.index(x)
+    except TypeError:
+        return None
+
+
+def _check_fraction(name: str, x) -> None:
+    """0 < x <= 1, for any real number type (numpy's too); bool is not a number here."""
+    if isinstance(x, bool) or not isinstance(x, numbers.Real):
+        raise ValueError(f"{name}={x!r} is not a number; allowed: a number with 0 < {name} <= 1")
+    if not (0 < x <= 1):
+        raise ValueError(f"{name}={x!r} is out of range; allowed: a number with 0 < {name} <= 1")
 
 
 @dataclass(frozen=True)
@@ -41,27 +60,23 @@ class Config:
             raise ValueError(f"compressor={compressor!r} is not supported; allowed: {_allowed(COMPRESSORS)}")
         if init not in INITS:
             raise ValueError(f"init={init!r} is not supported; allowed: {_allowed(INITS)}")
-        if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not (0 < ratio <= 1):
-            raise ValueError(f"ratio={ratio!r} is out of range; allowed: a number with 0 < ratio <= 1")
+        _check_fraction("ratio", ratio)
         if k is not None:
-            try:  # any integer type (numpy's too), but not bool or float
-                k_int = None if isinstance(k, bool) else operator.index(k)
-            except TypeError:
-                k_int = None
+            k_int = _integer(k)
             if k_int is None or k_int < 1:
                 raise ValueError(f"k={k!r} is not allowed; allowed: None or an integer >= 1")
             k = k_int
-        if isinstance(momentum, bool) or not isinstance(momentum, (int, float)) or not (0 < momentum <= 1):
-            raise ValueError(f"momentum={momentum!r} is out of range; allowed: a number with 0 < momentum <= 1")
+        _check_fraction("momentum", momentum)
         try:
             vdtype = VALUE_DTYPES[value_dtype]
         except (KeyError, TypeError):
             raise ValueError(
                 f"value_dtype={value_dtype!r} is not supported; allowed: None (float32), torch.float32, "
                 "torch.bfloat16, torch.float16, torch.float64") from None
-        if isinstance(seed, bool) or not isinstance(seed, int) or not (0 <= seed < 2**63):
+        seed_int = _integer(seed)
+        if seed_int is None or not (0 <= seed_int < 2**63):
             raise ValueError(f"seed={seed!r} is not allowed; allowed: an integer with 0 <= seed < 2**63")
-        return Config(algorithm, compressor, float(ratio), k, float(momentum), init, vdtype, seed)
+        return Config(algorithm, compressor, float(ratio), k, float(momentum), init, vdtype, seed_int)
 
 
 def k_for(numel: int, ratio: float, k: int | None = None) -> int:
@@ -70,4 +85,10 @@ def k_for(numel: int, ratio: float, k: int | None = None) -> int:
     within float rounding of it, so ratio = 4/123 on 123 elements gives 4, not 5."""
     from ef21 import _C
 
-    return _C.k_for(int(numel), float(ratio), int(k or 0))
+    numel_int = _integer(numel)
+    if numel_int is None or numel_int < 1:
+        raise ValueError(f"numel={numel!r} is not allowed; allowed: an integer >= 1")
+    _check_fraction("ratio", ratio)
+    if k is not None and (_integer(k) is None or _integer(k) < 1):
+        raise ValueError(f"k={k!r} is not allowed; allowed: None or an integer >= 1")
+    return _C.k_for(numel_int, float(ratio), _integer(k) if k is not None else 0)

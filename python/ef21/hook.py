@@ -1,6 +1,7 @@
 """The two ways to attach EF21 to a DDP model; both run the same C++ core."""
 
 
+import torch
 import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
@@ -42,6 +43,7 @@ def register(ddp_model: DistributedDataParallel, state: EF21State) -> EF21State:
         raise ValueError("state.process_group is not the process group of ddp_model; pass process_group=None "
                          "to use the model's group")
     _check_parameters(ddp_model)
+    _check_same_settings(ddp_model, state)
     from ef21 import _C
 
     core = state._bind(ddp_model.process_group)
@@ -59,6 +61,41 @@ def register(ddp_model: DistributedDataParallel, state: EF21State) -> EF21State:
     if getattr(ddp_model, "logger", None) is not None:
         ddp_model.logger._set_comm_hook_name("ef21")
     return state
+
+
+def _settings(state: EF21State) -> dict:
+    """What every rank must agree on: a rank that differs would send messages of another size or
+    run collectives the others do not, and every rank would block until the group's timeout."""
+    c = state.config
+    settings = {**c.__dict__, "value_dtype": str(c.value_dtype), "check_every": state.check_every,
+                "grad_scaler": state.grad_scaler is not None}
+    if c.compressor != "randk":
+        del settings["seed"]  # only Rand-k's shared support uses it
+    if c.algorithm != "ef21-sgdm":
+        del settings["momentum"]
+    return settings
+
+
+def _check_same_settings(ddp_model: DistributedDataParallel, state: EF21State) -> None:
+    """Refuses, on every rank, settings that differ across the model's ranks (one small
+    all_gather_object at registration, in place of a hang at the first step)."""
+    group = ddp_model.process_group
+    world = dist.get_world_size(group)
+    if world == 1:
+        return
+    gathered = [None] * world
+    device = next((p.device for p in ddp_model.parameters()), None)
+    if device is not None and device.type == "cuda":  # NCCL gathers objects on the current device
+        with torch.cuda.device(device):
+            dist.all_gather_object(gathered, _settings(state), group=group)
+    else:
+        dist.all_gather_object(gathered, _settings(state), group=group)
+    differ = [key for key in gathered[0] if any(g.get(key) != gathered[0][key] for g in gathered)]
+    if differ:
+        lines = "; ".join(f"{key}: " + ", ".join(f"rank {r} {g.get(key)!r}" for r, g in enumerate(gathered))
+                          for key in differ)
+        raise ValueError(f"ef21: the ranks were given different EF21State settings ({lines}); every rank "
+                         "must use the same ones")
 
 
 def hook(state: EF21State, bucket: dist.GradBucket):

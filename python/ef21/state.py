@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 import torch.distributed as dist
 
@@ -126,14 +128,17 @@ class EF21State:
         ``steps`` synced steps; ``bytes_sent`` bytes this rank sent (ring-algorithm counts: an
         allgather of m bytes sends (n-1)·m, an allreduce of m bytes 2·(n-1)/n·m);
         ``dense_bytes`` what DDP's dense allreduce of the same buckets would have sent;
-        ``compression`` their ratio; ``sparse_buckets`` / ``dense_buckets`` / ``init_buckets`` how
+        ``compression`` their ratio (1.0 while nothing was sent, e.g. with one rank); ``sparse_buckets`` / ``dense_buckets`` / ``init_buckets`` how
         each bucket travelled; ``hook_seconds`` wall time spent in the hook and its callbacks.
         """
         if self._core is None:
-            return {"steps": 0, "hook_calls": 0, "bytes_sent": 0, "dense_bytes": 0, "compression": 0.0,
+            return {"steps": 0, "hook_calls": 0, "bytes_sent": 0, "dense_bytes": 0, "compression": 1.0,
                     "sparse_buckets": 0, "dense_buckets": 0, "init_buckets": 0, "hook_seconds": 0.0}
         s = self._core.stats()
-        return {k: (v if k in ("compression", "hook_seconds") else int(v)) for k, v in s.items()}
+        out = {k: (v if k in ("compression", "hook_seconds") else int(v)) for k, v in s.items()}
+        if out["bytes_sent"] == 0:  # nothing sent yet, or a world of one rank: nothing was compressed
+            out["compression"] = 1.0
+        return out
 
     def reset_stats(self) -> None:
         if self._core is not None:
@@ -149,8 +154,12 @@ class EF21State:
             return [(n, p) for n, p in module.named_parameters() if p.requires_grad]
         if self._names:
             return [(self._names[id(p)], p) for p in self._params]
-        core = self._core
-        return [] if core is None else [(f"param{i}", p) for i, p in enumerate(core.params())]
+        if self._core is not None and self._core.params():
+            # Attached with ddp_model.register_comm_hook(state, ef21.hook): the hook sees buckets, not
+            # the model, so it knows no names to save the state under or match it by.
+            raise RuntimeError("ef21: this state was attached with ddp_model.register_comm_hook(state, ef21.hook) "
+                               "and does not know the parameters' names; pass model=ddp_model")
+        return []
 
     def _kept(self) -> tuple[str, ...]:
         """The per-parameter tensors the algorithm keeps."""
@@ -207,20 +216,35 @@ class EF21State:
         When per-rank state is lost, do not load it: a fresh state (or :meth:`reinitialize`)
         starts with one dense step (``init="full"``), a valid EF21 initialisation.
         """
-        core = self._bind()
+        required = ("config", "world_size", "rank", "steps", "params")
+        if not isinstance(state_dict, dict) or any(key not in state_dict for key in required):
+            got = sorted(state_dict)[:5] if isinstance(state_dict, dict) else type(state_dict).__name__
+            raise ValueError(f"ef21: state_dict is not an EF21State.state_dict() (it needs the keys "
+                             f"{list(required)}, got {got})")
+        if model is not None and self._names and any(
+                id(p) not in self._names for p in model.parameters() if p.requires_grad):
+            raise ValueError("ef21: model is not the model this state is registered on")
+        # Checked before the core exists, so that a refused load leaves the state free to register.
+        named = self._named_params(model)
+        if not named:
+            raise RuntimeError("ef21: no parameters to load into; call ef21.register(ddp_model, state) first, "
+                               "or pass model=ddp_model")
+        core = self._bind(getattr(model, "process_group", None))
         mine = {**self.config.__dict__, "value_dtype": str(self.config.value_dtype)}
         for key in ("algorithm", "compressor"):
             if state_dict["config"][key] != mine[key]:
                 raise ValueError(f"ef21: checkpoint has {key}={state_dict['config'][key]!r}, this state has "
                                  f"{key}={mine[key]!r}")
+        changed = [f"{key}={state_dict['config'].get(key)!r} -> {mine[key]!r}"
+                   for key in ("ratio", "k", "momentum", "init", "value_dtype", "seed")
+                   if state_dict["config"].get(key) != mine[key]]
+        if changed:  # g_i stays a valid estimate under another compressor setting: allowed, but said
+            warnings.warn(f"ef21: loading a checkpoint saved with other settings ({', '.join(changed)}); "
+                          "the run continues from its state with this state's settings", stacklevel=2)
         for key, here in (("world_size", core.world_size), ("rank", core.rank)):
             if state_dict[key] != here:
                 raise ValueError(f"ef21: checkpoint was saved with {key}={state_dict[key]}, this process has "
                                  f"{key}={here}; EF21 state is per rank")
-        named = self._named_params(model)
-        if not named:
-            raise RuntimeError("ef21: no parameters to load into; call ef21.register(ddp_model, state) first, "
-                               "or pass model=ddp_model")
         saved = [(e["name"], tuple(e["shape"])) for e in state_dict["params"]]
         here = [(n, tuple(p.shape)) for n, p in named]
         if saved != here:
