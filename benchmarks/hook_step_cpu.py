@@ -38,13 +38,14 @@ def step_times(model, steps: int) -> list[float]:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--algorithm", default="ef21-sgdm")
-    p.add_argument("--ratio", type=float, default=0.001)
-    p.add_argument("--compressor", default="topk")
-    p.add_argument("--hidden", type=int, default=2048)
-    p.add_argument("--steps", type=int, default=30)
-    p.add_argument("--threads", type=int, default=1)
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--algorithm", default="ef21-sgdm", help="EF21State algorithm of the hooked model")
+    p.add_argument("--ratio", type=float, default=0.001, help="fraction of the bucket's elements sent")
+    p.add_argument("--compressor", default="topk", help="EF21State compressor")
+    p.add_argument("--hidden", type=int, default=2048, help="width of the MLP's two hidden layers")
+    p.add_argument("--steps", type=int, default=30, help="timed and profiled steps per model")
+    p.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")

@@ -35,6 +35,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 import ef21
+from ef21.config import Config
 
 METHODS = ("dense", "ef21", "ef21-sgdm", "ef", "plain")
 
@@ -62,8 +63,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     unknown = [m for m in args.methods if m not in METHODS]
     if unknown or not args.methods:
         p.error(f"--methods: unknown {unknown}; allowed: {', '.join(METHODS)}")
-    if args.steps < 1 or args.batch_size < 1 or args.eval_every < 1:
-        p.error("--steps, --batch-size and --eval-every must be >= 1")
+    for flag, value in (("--steps", args.steps), ("--batch-size", args.batch_size),
+                        ("--eval-every", args.eval_every)):
+        if value < 1:
+            p.error(f"{flag}: {value} is not allowed; allowed: an integer >= 1")
+    # The library's own checks, now rather than on every rank once the runs have begun.
+    for flag, setting in (("--ratio", {"ratio": args.ratio}), ("--momentum", {"momentum": args.momentum})):
+        try:
+            Config.make(**setting)
+        except ValueError as err:
+            p.error(f"{flag}: {err}")
     return args
 
 

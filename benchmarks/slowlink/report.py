@@ -7,6 +7,7 @@ per method, one panel per link), and prints the tables.
 
 from __future__ import annotations
 
+import argparse
 import glob
 import json
 import os
@@ -99,15 +100,18 @@ def plot(runs: list[dict], path: str) -> None:
 
 
 def main(argv: list[str]) -> None:
-    if not argv:
-        raise SystemExit(__doc__)
-    runs = load(argv[0], argv[1:])
+    p = argparse.ArgumentParser(prog="report.py", description=__doc__.split("\n\n", 1)[1].strip())
+    p.add_argument("dir", metavar="DIR", help="folder of the results-<link>.json; table and plot go here")
+    p.add_argument("links", metavar="LINK", nargs="*",
+                   help="links to report, e.g. 100mbit (default: every one in DIR)")
+    args = p.parse_args(argv)
+    runs = load(args.dir, args.links)
     text = "\n\n".join(table(r) for r in runs) + "\n"
-    with open(os.path.join(argv[0], "table.md"), "w") as f:
+    with open(os.path.join(args.dir, "table.md"), "w") as f:
         f.write(text)
-    plot(runs, os.path.join(argv[0], "accuracy_vs_time.png"))
+    plot(runs, os.path.join(args.dir, "accuracy_vs_time.png"))
     print(text)
-    print(f"saved {os.path.join(argv[0], 'table.md')} and {os.path.join(argv[0], 'accuracy_vs_time.png')}")
+    print(f"saved {os.path.join(args.dir, 'table.md')} and {os.path.join(args.dir, 'accuracy_vs_time.png')}")
 
 
 if __name__ == "__main__":

@@ -34,14 +34,19 @@ quick=0
 probe=0
 python=""
 extra=()
+# Exits unless option $1 has a value in $2 (set -u alone would only say "$2: unbound variable"); an
+# option in its place means the value was forgotten.
+need_value() {
+  if [ $# -lt 2 ] || [[ "$2" == --* ]]; then echo "run.sh: $1 needs a value (see --help)" >&2; exit 2; fi
+}
 while [ $# -gt 0 ]; do
   case "$1" in
-    --nodes) nodes="$2"; shift 2 ;;
-    --rates) rates="$2"; shift 2 ;;
-    --delay) delay="$2"; shift 2 ;;
-    --methods) methods="$2"; shift 2 ;;
-    --out) out="$2"; shift 2 ;;
-    --python) python="$2"; shift 2 ;;
+    --nodes) need_value "$@"; nodes="$2"; shift 2 ;;
+    --rates) need_value "$@"; rates="$2"; shift 2 ;;
+    --delay) need_value "$@"; delay="$2"; shift 2 ;;
+    --methods) need_value "$@"; methods="$2"; shift 2 ;;
+    --out) need_value "$@"; out="$2"; shift 2 ;;
+    --python) need_value "$@"; python="$2"; shift 2 ;;
     --quick) quick=1; shift ;;
     --probe) probe=1; shift ;;
     --) shift; extra=("$@"); break ;;

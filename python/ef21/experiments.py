@@ -472,15 +472,61 @@ def update_page(page: Path, text: str, section: str = "results") -> None:
     page.write_text(f"{before}{begin}\n{text}{end}{after}")
 
 
-def _per_dataset(text: str, datasets: list[str], cast) -> dict:
-    """``"600"`` (all data sets) or ``"a9a=600,w8a=900"``."""
-    if "=" not in text:
-        return {ds: cast(text) for ds in datasets}
-    out = {}
-    for part in text.split(","):
-        key, value = part.split("=")
-        out[key.strip()] = cast(value)
-    return out
+def _number(cast, low: float = 0, high: float | None = None):
+    """An argparse type: ``cast(text)`` with ``low < value`` (and ``value <= high``), else a one-line
+    error that names the value and what is allowed."""
+    kind = "an integer" if cast is int else "a number"
+    allowed = f"{kind} > {low:g}" if high is None else f"{kind} with {low:g} < value <= {high:g}"
+
+    def parse(text: str):
+        try:
+            value = cast(text)
+        except ValueError:
+            value = None
+        # math.isfinite also refuses nan, which every comparison lets through
+        if value is None or not math.isfinite(value) or value <= low or (high is not None and value > high):
+            raise argparse.ArgumentTypeError(f"{text!r} is not allowed; allowed: {allowed}")
+        return value
+
+    return parse
+
+
+def _per_dataset(cast):
+    """An argparse type: ``"600"`` (one value for every data set) or ``"a9a=600,w8a=900"`` (a dict),
+    each value read by ``cast``."""
+
+    def parse(text: str):
+        if "=" not in text:
+            return cast(text)
+        out = {}
+        for part in text.split(","):
+            key, sep, value = part.partition("=")
+            if not sep or not key.strip():
+                raise argparse.ArgumentTypeError(f"{part!r} in {text!r} is not NAME=VALUE; allowed: one "
+                                                 "value, or NAME=VALUE,... per data set")
+            out[key.strip()] = cast(value)
+        return out
+
+    return parse
+
+
+def _list_of(cast):
+    """An argparse type: comma-separated values, each read by ``cast``; at least one."""
+
+    def parse(text: str) -> list:
+        values = [cast(v.strip()) for v in text.split(",") if v.strip()]
+        if not values:
+            raise argparse.ArgumentTypeError(f"{text!r} is not allowed; allowed: one value or more, "
+                                             "comma-separated")
+        return values
+
+    return parse
+
+
+def _method(text: str) -> str:
+    if text not in METHODS:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a method; allowed: {', '.join(METHODS)}")
+    return text
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -489,20 +535,26 @@ def main(argv: list[str] | None = None) -> int:
         description="The EF21 paper's logistic regression (nonconvex regulariser, lambda = 0.1) on LibSVM "
                     "data, n ranks on gloo, through the ef21 DDP hook: EF21 vs EF (and EF21-SGDM, plain "
                     "Top-k, dense) at equal bits.")
-    parser.add_argument("--datasets", default=",".join(TOP_K), help="comma-separated (default: %(default)s)")
-    parser.add_argument("--workers", type=int, default=20, help="ranks = processes (default: %(default)s)")
-    parser.add_argument("--steps", default=None,
+    parser.add_argument("--datasets", type=_list_of(str), default=",".join(TOP_K),
+                        help="comma-separated: the paper's, or <name>.txt files in the data folder "
+                             "(default: %(default)s)")
+    parser.add_argument("--workers", type=_number(int), default=20,
+                        help="ranks = processes (default: %(default)s)")
+    parser.add_argument("--steps", type=_per_dataset(_number(int)), default=None,
                         help="iterations: one number, or per data set as a9a=600,w8a=900 "
                              f"(default: {','.join(f'{k}={v}' for k, v in STEPS.items())})")
-    parser.add_argument("--k", default=None, help="Top-k: one number or per data set (default: the paper's, "
-                        f"{','.join(f'{k}={v}' for k, v in TOP_K.items())})")
-    parser.add_argument("--factors", default=",".join(map(str, FACTORS)),
+    parser.add_argument("--k", type=_per_dataset(_number(int)), default=None,
+                        help="Top-k: one number or per data set (default: the paper's, "
+                             f"{','.join(f'{k}={v}' for k, v in TOP_K.items())})")
+    parser.add_argument("--factors", type=_list_of(_number(float)), default=",".join(map(str, FACTORS)),
                         help="multiples of the theory step for EF21 and EF (default: %(default)s)")
-    parser.add_argument("--reference-factor", default=None,
+    parser.add_argument("--reference-factor", type=_per_dataset(_number(float)), default=None,
                         help="multiple for EF21-SGDM and plain Top-k: one number or per data set (default: "
                              f"{','.join(f'{k}={v:g}' for k, v in REFERENCE_FACTOR.items())})")
-    parser.add_argument("--methods", default=",".join(METHODS), help="subset of %(default)s")
-    parser.add_argument("--momentum", type=float, default=0.1, help="eta of EF21-SGDM (default: %(default)s)")
+    parser.add_argument("--methods", type=_list_of(_method), default=",".join(METHODS),
+                        help="subset of %(default)s")
+    parser.add_argument("--momentum", type=_number(float, 0, 1), default=0.1,
+                        help="eta of EF21-SGDM (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=0, help="seed of x^0 (default: %(default)s)")
     parser.add_argument("--data-dir", default=None, help="folder with <name>.txt (default: $EF21_DATA_DIR, "
                         "else ../shared/data, else ~/.cache/ef21, else download)")
@@ -515,21 +567,40 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--section", default="results", help="SECTION of --page (default: %(default)s)")
     args = parser.parse_args(argv)
 
-    datasets = [s.strip() for s in args.datasets.split(",") if s.strip()]
-    steps = {**STEPS, **_per_dataset(args.steps, datasets, int)} if args.steps else dict(STEPS)
-    ks = {**TOP_K, **_per_dataset(args.k, datasets, int)} if args.k else dict(TOP_K)
-    refs = dict(REFERENCE_FACTOR)
-    if args.reference_factor:
-        refs.update(_per_dataset(args.reference_factor, datasets, float))
-    factors = [float(f) for f in args.factors.split(",")]
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    datasets, factors, methods = args.datasets, args.factors, args.methods
+    for ds in datasets:
+        if ds not in libsvm.DATASETS:  # the paper's are downloaded when missing; any other must be here
+            try:
+                libsvm.find(ds, args.data_dir, download=False)
+            except FileNotFoundError as err:
+                parser.error(f"--datasets {ds!r}: {err}")
+
+    def per_dataset(flag: str, value) -> dict:
+        if not isinstance(value, dict):
+            return {} if value is None else dict.fromkeys(datasets, value)
+        for name in value:  # a misspelt name would silently leave the default in place
+            if name not in datasets:
+                parser.error(f"{flag}: {name!r} is not a data set of this run; allowed: "
+                             f"{', '.join(datasets)}")
+        return value
+
+    steps = {**STEPS, **per_dataset("--steps", args.steps)}
+    ks = {**TOP_K, **per_dataset("--k", args.k)}
+    refs = {**REFERENCE_FACTOR, **per_dataset("--reference-factor", args.reference_factor)}
     out = Path(args.out)
     csv_dir = Path(args.csv_dir) if args.csv_dir else out / "csv"
 
     t0 = time.perf_counter()
     problems, runs = [], {}
     for ds in datasets:
-        p = make_problem(ds, n=args.workers, k=ks.get(ds), seed=args.seed, data_dir=args.data_dir)
+        try:
+            data = libsvm.load(ds, args.data_dir)
+        except (OSError, ValueError) as err:  # not found and not downloadable, or not LibSVM
+            parser.error(f"--datasets {ds!r}: {err}")
+        if len(data[0]) < args.workers:  # every rank needs a row
+            parser.error(f"--workers: {args.workers} is too many for {ds}; allowed: at most its "
+                         f"{len(data[0])} rows")
+        p = make_problem(ds, n=args.workers, k=ks.get(ds), seed=args.seed, data_dir=args.data_dir, data=data)
         problems.append(p)
         runs[ds] = default_runs(p, steps.get(ds, 500), methods, factors, args.momentum, refs.get(ds))
         print(f"{ds}: N={p.X.shape[0]} d={p.d} n={p.n} Top-{p.k}  L={p.L:.4g}  L~={p.L_tilde:.4g}  "
