@@ -11,7 +11,8 @@ Where the files come from (first match wins): ``data_dir`` if given, else ``$EF2
 cache when the network allows.
 
 Example::
-    >>> X, y = ef21.libsvm.load("phishing")
+    >>> from ef21.libsvm import load
+    >>> X, y = load("phishing")
     >>> X.shape, y.unique()
     (torch.Size([11055, 68]), tensor([-1.,  1.], dtype=torch.float64))
 """

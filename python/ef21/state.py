@@ -37,7 +37,8 @@ class EF21State:
         k: an exact count per bucket instead of ``ratio``.
         momentum: ``eta`` of ``"ef21-sgdm"``, ``0 < momentum <= 1``.
         init: ``"full"`` | ``"compressed"`` | ``"zero"``, how ``g_i`` and ``g`` start.
-        value_dtype: wire dtype of values, ``None`` (float32), ``torch.bfloat16`` or ``torch.float16``.
+        value_dtype: wire dtype of values, ``None`` (float32), ``torch.float32``, ``torch.bfloat16``,
+            ``torch.float16`` or ``torch.float64`` (or the names ``"bf16"``, ``"fp16"``, ...).
         seed: seed of Rand-k's shared support.
         grad_scaler: the ``torch.amp.GradScaler`` of the training loop, if any. The state is kept
             in scaled-gradient units and follows the loss scale when the scaler changes it (see
