@@ -60,7 +60,8 @@ def main() -> None:
                                                           compressor=args.compressor))
     d = sum(q.numel() for q in hooked.parameters())
 
-    for name, model in (("dense allreduce", dense), (f"ef21 hook ({args.algorithm}, {args.compressor} {args.ratio})", hooked)):
+    hooked_name = f"ef21 hook ({args.algorithm}, {args.compressor} {args.ratio})"
+    for name, model in (("dense allreduce", dense), (hooked_name, hooked)):
         step_times(model, 5)  # warm up; the hook's first step is its dense initialisation
         t = sorted(step_times(model, args.steps))
         print(f"{name:40s} median step {1e3 * t[len(t) // 2]:7.2f} ms  (d = {d / 1e6:.2f}M, {args.threads} thread)")

@@ -273,6 +273,12 @@ def test_numpy_numbers_are_numbers():
                        momentum=np.float64(0.5), seed=np.int64(3)).config
     assert (c.ratio, c.k, c.momentum, c.seed) == (0.25, 5, 0.5, 3)
     assert all(type(v) in (int, float) for v in (c.ratio, c.k, c.momentum, c.seed))
+    assert ef21.EF21State(check_every=np.int64(5)).check_every == 5
+
+
+def test_a_setting_passed_as_the_process_group_says_so():
+    with raises_naming(TypeError, "got float 0.1", "first positional argument", "EF21State(ratio=0.1)"):
+        ef21.EF21State(0.1)
 
 
 @pytest.mark.parametrize("args, named", [((100, 0), "ratio=0"), ((100, "0.1"), "ratio='0.1' is not a number"),

@@ -7,7 +7,7 @@ import warnings
 import torch
 import torch.distributed as dist
 
-from ef21.config import Config
+from ef21.config import Config, _integer
 
 
 class EF21State:
@@ -70,15 +70,18 @@ class EF21State:
         if grad_scaler is not None and not isinstance(grad_scaler, torch.amp.GradScaler):
             raise TypeError(f"grad_scaler must be a torch.amp.GradScaler or None, "
                             f"got {type(grad_scaler).__name__}")
-        if isinstance(check_every, bool) or not isinstance(check_every, int) or check_every < 0:
+        every = _integer(check_every)
+        if every is None or every < 0:
             raise ValueError(f"check_every={check_every!r} is not allowed; "
                              "allowed: an integer >= 0 (0: never)")
         if process_group is not None and not isinstance(process_group, dist.ProcessGroup):
+            hint = ("; it is EF21State's first positional argument: pass the settings by keyword, "
+                    f"e.g. EF21State(ratio={process_group!r})") if isinstance(process_group, (int, float)) else ""
             raise TypeError(f"process_group must be a torch.distributed.ProcessGroup or None, "
-                            f"got {type(process_group).__name__} {process_group!r}")
+                            f"got {type(process_group).__name__} {process_group!r}{hint}")
         self.process_group = process_group
         self.grad_scaler = grad_scaler
-        self.check_every = check_every
+        self.check_every = every
         self._core = None
         self._scale_attached = False
         self._hook_params: set[int] = set()  # ids of the parameters ef21.hook has seen (one model)
@@ -129,8 +132,9 @@ class EF21State:
         ``steps`` synced steps; ``bytes_sent`` bytes this rank sent (ring-algorithm counts: an
         allgather of m bytes sends (n-1)·m, an allreduce of m bytes 2·(n-1)/n·m);
         ``dense_bytes`` what DDP's dense allreduce of the same buckets would have sent;
-        ``compression`` their ratio (1.0 while nothing was sent, e.g. with one rank); ``sparse_buckets`` / ``dense_buckets`` / ``init_buckets`` how
-        each bucket travelled; ``hook_seconds`` wall time spent in the hook and its callbacks.
+        ``compression`` their ratio (1.0 while nothing was sent, e.g. with one rank);
+        ``sparse_buckets`` / ``dense_buckets`` / ``init_buckets`` how each bucket travelled;
+        ``hook_seconds`` wall time spent in the hook and its callbacks.
         """
         if self._core is None:
             return {"steps": 0, "hook_calls": 0, "bytes_sent": 0, "dense_bytes": 0, "compression": 1.0,
