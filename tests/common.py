@@ -108,3 +108,13 @@ def run_distributed(fn, world_size: int, *args, timeout: float = 180.0,
                                "failed:\n" + "\n".join(errors))
         return results
 
+
+class Refusals(dict):
+    """The message of each attempt that raised ValueError or RuntimeError, by name: a rank collects
+    what it refused and returns it, so the test can read every rank's words."""
+
+    def attempt(self, what, fn) -> None:
+        try:
+            fn()
+        except (ValueError, RuntimeError) as e:
+            self[what] = str(e)

@@ -21,7 +21,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 import ef21
-from common import run_distributed
+from common import Refusals, run_distributed
 from hook_runs import Run, batch, loss_fn, make_net
 
 pytestmark = pytest.mark.distributed
@@ -127,13 +127,8 @@ def test_resumed_run_matches_the_uninterrupted_one(runs, name):
 
 def refusals(rank, world, path):
     ck = [torch.load(f"{path}/rank{r}.pt", weights_only=False)["ef21"] for r in range(world)]
-    errors = {}
-
-    def attempt(what, fn):
-        try:
-            fn()
-        except (ValueError, RuntimeError) as e:
-            errors[what] = str(e)
+    errors = Refusals()
+    attempt = errors.attempt
 
     net, ddp, state, opt = build(CONFIGS["ef21"], rank)
     attempt("rank", lambda: state.load_state_dict(ck[1 - rank]))

@@ -20,7 +20,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 import ef21
-from common import run_distributed
+from common import Refusals, run_distributed
 from ef21.reference import Reference
 from hook_runs import Run, batch, loss_fn, make_net, single_thread
 
@@ -104,13 +104,8 @@ def drift(rank):
 
 
 def refused(rank, world):
-    errors = {}
-
-    def attempt(what, fn):
-        try:
-            fn()
-        except (ValueError, RuntimeError) as e:
-            errors[what] = str(e)
+    errors = Refusals()
+    attempt = errors.attempt
 
     class Sparse(nn.Module):
         def __init__(self):

@@ -51,6 +51,10 @@ class Config:
     value_dtype: torch.dtype = torch.float32
     seed: int = 0
 
+    def to_dict(self) -> dict:
+        """The settings as plain values (the dtype by name), as checkpoints record them."""
+        return {**self.__dict__, "value_dtype": str(self.value_dtype)}
+
     @staticmethod
     def make(algorithm="ef21", compressor="topk", ratio=0.01, k=None, momentum=0.1, init="full",
              value_dtype=None, seed=0) -> "Config":
@@ -89,6 +93,7 @@ def k_for(numel: int, ratio: float, k: int | None = None) -> int:
     if numel_int is None or numel_int < 1:
         raise ValueError(f"numel={numel!r} is not allowed; allowed: an integer >= 1")
     _check_fraction("ratio", ratio)
-    if k is not None and (_integer(k) is None or _integer(k) < 1):
+    k_int = 0 if k is None else _integer(k)
+    if k_int is None or (k is not None and k_int < 1):
         raise ValueError(f"k={k!r} is not allowed; allowed: None or an integer >= 1")
-    return _C.k_for(numel_int, float(ratio), _integer(k) if k is not None else 0)
+    return _C.k_for(numel_int, float(ratio), k_int)

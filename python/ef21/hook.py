@@ -1,5 +1,6 @@
 """The two ways to attach EF21 to a DDP model; both run the same C++ core."""
 
+from contextlib import nullcontext
 
 import torch
 import torch.distributed as dist
@@ -67,7 +68,7 @@ def _settings(state: EF21State) -> dict:
     """What every rank must agree on: a rank that differs would send messages of another size or
     run collectives the others do not, and every rank would block until the group's timeout."""
     c = state.config
-    settings = {**c.__dict__, "value_dtype": str(c.value_dtype), "check_every": state.check_every,
+    settings = {**c.to_dict(), "check_every": state.check_every,
                 "grad_scaler": state.grad_scaler is not None}
     if c.compressor != "randk":
         del settings["seed"]  # only Rand-k's shared support uses it
@@ -85,10 +86,9 @@ def _check_same_settings(ddp_model: DistributedDataParallel, state: EF21State) -
         return
     gathered = [None] * world
     device = next((p.device for p in ddp_model.parameters()), None)
-    if device is not None and device.type == "cuda":  # NCCL gathers objects on the current device
-        with torch.cuda.device(device):
-            dist.all_gather_object(gathered, _settings(state), group=group)
-    else:
+    # NCCL gathers objects on the current CUDA device: make it the model's.
+    on_device = torch.cuda.device(device) if device is not None and device.type == "cuda" else nullcontext()
+    with on_device:
         dist.all_gather_object(gathered, _settings(state), group=group)
     differ = [key for key in gathered[0] if any(g.get(key) != gathered[0][key] for g in gathered)]
     if differ:

@@ -203,7 +203,7 @@ class EF21State:
         name_of = {id(p): name for name, p in named}
         units = [] if core is None else [(index, [name_of[id(p)] for p in ps]) for index, ps in core.units()]
         return {
-            "config": {**self.config.__dict__, "value_dtype": str(self.config.value_dtype)},
+            "config": self.config.to_dict(),
             "world_size": None if core is None else core.world_size,
             "rank": None if core is None else core.rank,
             "steps": 0 if core is None else core.steps,
@@ -235,7 +235,7 @@ class EF21State:
             raise RuntimeError("ef21: no parameters to load into; call ef21.register(ddp_model, state) first, "
                                "or pass model=ddp_model")
         core = self._bind(getattr(model, "process_group", None))
-        mine = {**self.config.__dict__, "value_dtype": str(self.config.value_dtype)}
+        mine = self.config.to_dict()
         for key in ("algorithm", "compressor"):
             if state_dict["config"][key] != mine[key]:
                 raise ValueError(f"ef21: checkpoint has {key}={state_dict['config'][key]!r}, this state has "
